@@ -1,0 +1,191 @@
+"""Training input pipeline: a TFDS dataset or an image folder, read with grain.
+
+Batches are a pure function of (seed, step): grain's MapDataset gives random access by index, so
+the iterator starts at any step without replaying earlier ones and flips are seeded by index.
+"""
+
+import dataclasses
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+
+from jaxdiff.data import builders
+from jaxdiff.data.image_folder import ImageFolderSource
+from jaxdiff.errors import DataError
+
+IMAGE_FOLDER = 'image_folder'
+# Small in-memory datasets: prepared on first use, decoded once and kept as arrays.
+BUNDLED = (builders.MlxtendMnist.name, builders.SklearnDigits.name)
+_CACHE_MAX_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_examples: int
+  num_classes: int  # 0 when unlabeled
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  data: Any  # Random access: len() and [i] -> dict of features.
+  image_key: str
+  label_key: str | None
+  info: DatasetInfo
+
+
+def _tfds_source(name, data_dir, split):
+  where = data_dir or tfds.core.constants.DATA_DIR
+  bundled = name in BUNDLED
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record' if bundled else None)
+  except tfds.core.DatasetNotFoundError:
+    raise DataError(f'unknown dataset {name!r}: neither in the TFDS catalogue nor one of '
+                    f'{", ".join(BUNDLED + (IMAGE_FOLDER,))}; fix --config.data.name.') from None
+  except (ValueError, AssertionError) as e:  # Malformed name, unknown config or version.
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DataError(f'bad dataset name {name!r} ({reason}); use NAME[/CONFIG][:VERSION] '
+                    'from the TFDS catalogue in --config.data.name.') from None
+  if not builder.is_prepared():
+    if not bundled:
+      raise DataError(f'dataset {name!r} is not prepared in {where}; prepare it with '
+                      f'`tfds build {name} --data_dir {where} --file_format array_record` '
+                      'or point --config.data.data_dir at a folder where it is.')
+    builder.download_and_prepare()
+  try:
+    data = builder.as_data_source(split=split)
+  except NotImplementedError:
+    raise DataError(f'dataset {name!r} in {where} is stored as {builder.info.file_format.value}, '
+                    'which has no random access; rebuild it with '
+                    f'`tfds build {name} --data_dir {where} --file_format array_record`.') from None
+  except (ValueError, KeyError) as e:
+    reason = ' '.join(str(e).split()).rstrip('.')  # TFDS messages can span lines.
+    raise DataError(f'cannot read split {split!r} of dataset {name!r}: {reason}; fix '
+                    '--config.data.split (slices such as "train[:90%]" work).') from None
+  features = dict(builder.info.features.items())
+  keys = builder.info.supervised_keys
+  if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+    image_key, label_key = keys
+  else:
+    image_key, label_key = 'image', None
+  if not isinstance(features.get(image_key), tfds.features.Image):
+    raise DataError(f'dataset {name!r} has no image feature named {image_key!r} '
+                    f'(features: {sorted(features)}); choose an image dataset.')
+  label = features.get(label_key)
+  if not isinstance(label, tfds.features.ClassLabel):
+    label_key, class_names = None, ()
+  else:
+    class_names = tuple(label.names)
+  return _Source(data, image_key, label_key, DatasetInfo(len(data), len(class_names), class_names))
+
+
+def _open(name, data_dir, image_dir, split):
+  if name != IMAGE_FOLDER:
+    return _tfds_source(name, data_dir, split)
+  if not image_dir:
+    raise DataError(f'dataset {IMAGE_FOLDER!r} needs a folder of images; '
+                    'set --config.data.image_dir.')
+  data = ImageFolderSource(image_dir)
+  names = data.class_names
+  info = DatasetInfo(len(data), len(names), names)
+  return _Source(data, 'image', 'label' if names else None, info)
+
+
+def dataset_info(name: str, *, data_dir: str | None = None, image_dir: str | None = None,
+                 split: str = 'train') -> DatasetInfo:
+  """Size and classes of a dataset (preparing a bundled one on first use)."""
+  return _open(name, data_dir, image_dir, split).info
+
+
+def _to_uint8(image, image_size, channels):
+  """Any PIL image or HWC uint8 array -> [image_size, image_size, channels] uint8.
+
+  Resizes the shorter side to image_size and center-crops, in one PIL resize of the central square.
+  """
+  if isinstance(image, np.ndarray):
+    image = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  image = image.convert('L' if channels == 1 else 'RGB')
+  width, height = image.size
+  side = min(width, height)
+  if (width, height) != (image_size, image_size):
+    left, top = (width - side) / 2, (height - side) / 2
+    image = image.resize((image_size, image_size), PIL.Image.Resampling.BICUBIC,
+                         box=(left, top, left + side, top + side))
+  return np.asarray(image, np.uint8).reshape(image_size, image_size, channels)
+
+
+class _Cached:
+  """All examples decoded and resized once: a few ms per batch instead of a PNG decode each."""
+
+  def __init__(self, examples):
+    self.images = np.stack([e['image'] for e in examples])
+    self.labels = np.array([e['label'] for e in examples], np.int32)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    return {'image': self.images[index], 'label': self.labels[index]}
+
+
+def _check_int(name, value, low, high=None):
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low or (
+      high is not None and value > high):
+    bound = f'in [{low}, {high}]' if high is not None else f'>= {low}'
+    raise DataError(f'{name} must be an integer {bound}, got {value!r}; fix the data config.')
+
+
+def train_batches(*, name: str, image_size: int, channels: int, batch_size: int, seed: int,
+                  data_dir: str | None = None, image_dir: str | None = None, split: str = 'train',
+                  random_flip: bool = False, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1, worker_threads: int = 2) -> Iterator[dict]:
+  """Endless batches {'image': f32[B, S, S, C] in [-1, 1], 'label': i32[B]} starting at start_step.
+
+  Epochs are reshuffled and drop their remainder; batch k depends only on (seed, k). batch_size is
+  this process's share: global batch k is the concatenation over processes of their batch k.
+  """
+  _check_int('image_size', image_size, 1)
+  if channels not in (1, 3):
+    raise DataError(f'channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.')
+  _check_int('batch_size', batch_size, 1)
+  _check_int('seed', seed, 0, 2**32 - 1)
+  _check_int('start_step', start_step, 0)
+  _check_int('process_count', process_count, 1)
+  _check_int('process_index', process_index, 0, process_count - 1)
+  _check_int('worker_threads', worker_threads, 0)
+  source = _open(name, data_dir, image_dir, split)
+  size = len(source.data)
+  global_batch = batch_size * process_count
+  if size < global_batch:
+    raise DataError(f'dataset {name!r} has {size} examples, fewer than one global batch of '
+                    f'{global_batch}; lower batch_size.')
+
+  def preprocess(example):
+    label = example[source.label_key] if source.label_key else 0
+    return {'image': _to_uint8(example[source.image_key], image_size, channels),
+            'label': np.int32(label)}
+
+  def flip(example, rng):
+    if rng.random() < 0.5:
+      return {**example, 'image': example['image'][:, ::-1]}
+    return example
+
+  if name in BUNDLED and size * image_size**2 * channels <= _CACHE_MAX_BYTES:
+    ds = grain.MapDataset.source(_Cached([preprocess(e) for e in source.data]))
+    ds = ds.shuffle(seed=int(seed))
+  else:
+    ds = grain.MapDataset.source(source.data).shuffle(seed=int(seed)).map(preprocess)
+  if random_flip:
+    # rng is seeded by the element's index in the endless stream, hence by (seed, step).
+    ds = ds.random_map(flip, seed=int(seed))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  # Per epoch keep whole global batches, then take sub-batch p of each: disjoint shares.
+  ds = ds[:size // global_batch * process_count][process_index::process_count]
+  ds = ds.repeat()[start_step:]
+  ds = ds.map(lambda b: {'image': b['image'].astype(np.float32) / 127.5 - 1.0,
+                         'label': b['label']})
+  options = grain.ReadOptions(num_threads=worker_threads, prefetch_buffer_size=2 * worker_threads)
+  return iter(ds.to_iter_dataset(options))

@@ -1,0 +1,177 @@
+"""UNet building blocks (Flax linen, NHWC).
+
+Every block takes a compute `dtype` apart from the storage `param_dtype`. The fields that differ between the
+diffusers and guided-diffusion layouts (embedding order and shift, GroupNorm eps, QKV split order, downsample padding,
+residual scale) are explicit, so converted weights reproduce either network exactly.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# torch pads a stride-2 3x3 conv by 1 on both sides; DDPM's TF 'SAME' (and diffusers' padding=0) pads only after.
+DOWNSAMPLE_PADDINGS = {'symmetric': ((1, 1), (1, 1)), 'asymmetric': ((0, 1), (0, 1))}
+
+
+def timestep_embedding(t, dim, *, flip_sin_to_cos, freq_shift, max_period=10000):
+  """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps t [B], always in float32.
+
+  DDPM/diffusers' DDPM use [sin, cos] with freq_shift=1; guided-diffusion uses [cos, sin] with freq_shift=0.
+  """
+  half = dim // 2
+  # Same operation order as both PyTorch references, so the float32 values agree to the last bit or two.
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def group_norm(x, *, groups, eps, param_dtype, name):
+  """GroupNorm computed in float32 whatever the compute dtype (bf16 statistics are too coarse), cast back."""
+  norm = nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+                      use_fast_variance=False, name=name)  # two-pass variance, as PyTorch computes it
+  return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def conv(features, *, dtype, param_dtype, name, kernel=3, strides=1, padding=((1, 1), (1, 1)), zero_init=False):
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, dtype=dtype,
+                 param_dtype=param_dtype, name=name,
+                 kernel_init=nn.initializers.zeros if zero_init else nn.linear.default_kernel_init)
+
+
+def upsample_nearest(x):
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample_avg(x):
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class TimeEmbedding(nn.Module):
+  """Dense -> SiLU -> Dense from the sinusoidal embedding to the block embedding width."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb):
+    dense = lambda name: nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    return dense('linear_2')(nn.silu(dense('linear_1')(emb)))
+
+
+class Downsample(nn.Module):
+  """Halves H and W: stride-2 3x3 conv, or 2x2 average pooling when use_conv is False."""
+  use_conv: bool = True
+  padding: str = 'symmetric'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.use_conv:
+      return downsample_avg(x)
+    return conv(x.shape[-1], strides=2, padding=DOWNSAMPLE_PADDINGS[self.padding], dtype=self.dtype,
+                param_dtype=self.param_dtype, name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest neighbour, then an optional 3x3 conv."""
+  use_conv: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = upsample_nearest(x)
+    if self.use_conv:
+      x = conv(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+    return x
+
+
+class ResBlock(nn.Module):
+  """Residual block conditioned on the time (and class) embedding.
+
+  resample 'up'/'down' resizes inside the block (BigGAN style, as ADM's resblock_updown): after the first
+  norm+SiLU on the residual branch and, without a conv, on the skip branch.
+  """
+  out_channels: int
+  dropout: float = 0.0
+  use_scale_shift_norm: bool = False
+  resample: str | None = None
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
+  output_scale: float = 1.0  # diffusers' output_scale_factor: (skip + h) / output_scale
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = dict(groups=self.norm_groups, eps=self.norm_eps, param_dtype=self.param_dtype)
+    h = nn.silu(group_norm(x, name='norm1', **norm))
+    if self.resample is not None:
+      resize = upsample_nearest if self.resample == 'up' else downsample_avg
+      h, x = resize(h), resize(x)
+    h = conv(self.out_channels, name='conv1', **kw)(h)
+
+    emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+    emb = nn.Dense(emb_width, name='time_proj', **kw)(nn.silu(emb))[:, None, None, :]
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = group_norm(h, name='norm2', **norm) * (1 + scale) + shift
+    else:
+      h = group_norm(h + emb, name='norm2', **norm)
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    # Zero-initialised so each block starts as the identity.
+    h = conv(self.out_channels, name='conv2', zero_init=True, **kw)(h)
+
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, kernel=1, padding=((0, 0), (0, 0)), name='skip', **kw)(x)
+    return (x + h) / self.output_scale
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all positions, with a residual connection.
+
+  The fused 1x1 `qkv` projection holds 3*C outputs. legacy_qkv_order=True splits them heads-first
+  ([q_h, k_h, v_h] per head, guided-diffusion's QKVAttentionLegacy); False splits q, k, v first and then heads
+  (QKVAttention, and diffusers' separate to_q/to_k/to_v weights concatenated in that order).
+  """
+  num_heads: int = 1
+  num_head_channels: int = -1  # -1: use num_heads; else heads = channels // num_head_channels
+  legacy_qkv_order: bool = False
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
+  output_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, height, width, c = x.shape
+    heads = self.num_heads if self.num_head_channels == -1 else c // self.num_head_channels
+    if c % heads:
+      raise ValueError(f'AttentionBlock: {c} channels do not split into {heads} heads')
+    d = c // heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = group_norm(x, groups=self.norm_groups, eps=self.norm_eps, param_dtype=self.param_dtype, name='norm')
+    qkv = nn.Dense(3 * c, name='qkv', **kw)(h.reshape(b, height * width, c))
+    if self.legacy_qkv_order:
+      q, k, v = jnp.moveaxis(qkv.reshape(b, -1, heads, 3, d), 3, 0)
+    else:
+      q, k, v = jnp.moveaxis(qkv.reshape(b, -1, 3, heads, d), 2, 0)
+    # Scaling q and k by d**-1/4 each (as ADM does) keeps bf16 logits in range; softmax runs in float32.
+    scale = d ** -0.25
+    logits = jnp.einsum('bthd,bshd->bhts', q * scale, k * scale)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum('bhts,bshd->bthd', weights, v).reshape(b, height, width, c)
+    h = nn.Dense(c, name='proj_out', kernel_init=nn.initializers.zeros, **kw)(h)
+    return (x + h) / self.output_scale

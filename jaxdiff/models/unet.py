@@ -1,0 +1,115 @@
+"""One config-driven UNet expressing the DDPM, improved-DDPM and ADM networks.
+
+Parameter names (stable; the weight converters map onto them):
+  time_embed/{linear_1,linear_2}, label_emb, conv_in,
+  down_{level}_res_{i}, down_{level}_attn_{i}, down_{level}_downsample,
+  mid_res_0, mid_attn, mid_res_1,
+  up_{level}_res_{i}, up_{level}_attn_{i}, up_{level}_upsample, norm_out, conv_out.
+`level` counts resolutions from the input (0) down, on both paths; up_{level} has num_res_blocks[level] + 1 blocks.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdiff.models import layers
+
+
+class UNet(nn.Module):
+  """Noise-prediction UNet: (x [B,H,W,C], t [B], y [B] | None) -> [B,H,W,out_channels] float32.
+
+  The defaults of the layout fields reproduce the DDPM paper network; ADM uses flip_sin_to_cos=True, freq_shift=0,
+  norm_eps=1e-5, downsample_padding='symmetric'.
+  """
+  out_channels: int
+  base_channels: int = 128
+  channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+  num_res_blocks: int | tuple[int, ...] = 2
+  attention_ds: tuple[int, ...] = (2,)  # downsample factors with attention; 1 = input resolution
+  num_heads: int = 1
+  num_head_channels: int = -1  # -1: use num_heads
+  legacy_qkv_order: bool = True
+  use_scale_shift_norm: bool = False
+  resblock_updown: bool = False
+  conv_resample: bool = True
+  downsample_padding: str = 'asymmetric'  # see layers.DOWNSAMPLE_PADDINGS
+  dropout: float = 0.0
+  num_classes: int | None = None
+  norm_groups: int = 32
+  norm_eps: float = 1e-6
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
+  mid_block_scale_factor: float = 1.0  # diffusers divides the middle blocks' residual sums by this
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, y=None, *, train: bool):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = dict(norm_groups=self.norm_groups, norm_eps=self.norm_eps)
+    num_levels = len(self.channel_mult)
+    num_res = (self.num_res_blocks if isinstance(self.num_res_blocks, (tuple, list))
+               else (self.num_res_blocks,) * num_levels)
+    # train is a Python bool deciding dropout, so remat must treat it as static (argnum 0 is the module).
+    res_cls = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat else layers.ResBlock
+    attn_cls = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
+
+    def res(h, channels, name, **extra):
+      block = res_cls(channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, name=name,
+                      **norm, **kw, **extra)
+      return block(h, emb, train)
+
+    def attn(h, name, **extra):
+      return attn_cls(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
+                      legacy_qkv_order=self.legacy_qkv_order, name=name, **norm, **kw, **extra)(h)
+
+    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+    emb = layers.timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                    freq_shift=self.freq_shift)
+    emb = layers.TimeEmbedding(4 * self.base_channels, name='time_embed', **kw)(emb.astype(self.dtype))
+    if self.num_classes is not None:
+      emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', **kw)(y)
+
+    h = layers.conv(self.base_channels, name='conv_in', **kw)(x.astype(self.dtype))
+    skips = [h]
+    for level, mult in enumerate(self.channel_mult):
+      ds = 2 ** level
+      for i in range(num_res[level]):
+        h = res(h, self.base_channels * mult, f'down_{level}_res_{i}')
+        if ds in self.attention_ds:
+          h = attn(h, f'down_{level}_attn_{i}')
+        skips.append(h)
+      if level != num_levels - 1:
+        name = f'down_{level}_downsample'
+        if self.resblock_updown:
+          h = res(h, h.shape[-1], name, resample='down')
+        else:
+          h = layers.Downsample(self.conv_resample, self.downsample_padding, name=name, **kw)(h)
+        skips.append(h)
+
+    mid = dict(output_scale=self.mid_block_scale_factor)
+    h = res(h, h.shape[-1], 'mid_res_0', **mid)
+    h = attn(h, 'mid_attn', **mid)
+    h = res(h, h.shape[-1], 'mid_res_1', **mid)
+
+    for level in reversed(range(num_levels)):
+      ds = 2 ** level
+      for i in range(num_res[level] + 1):
+        h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.base_channels * self.channel_mult[level],
+                f'up_{level}_res_{i}')
+        if ds in self.attention_ds:
+          h = attn(h, f'up_{level}_attn_{i}')
+      if level != 0:
+        name = f'up_{level}_upsample'
+        if self.resblock_updown:
+          h = res(h, h.shape[-1], name, resample='up')
+        else:
+          h = layers.Upsample(self.conv_resample, name=name, **kw)(h)
+
+    h = nn.silu(layers.group_norm(h, groups=self.norm_groups, eps=self.norm_eps, param_dtype=self.param_dtype,
+                                  name='norm_out'))
+    # Zero-initialised: the untrained network predicts 0, and training starts from the identity residual path.
+    out = layers.conv(self.out_channels, name='conv_out', zero_init=True, **kw)(h)
+    return out.astype(jnp.float32)

@@ -1,0 +1,97 @@
+"""Checkpoints of the train state with orbax, plus the model description they belong to.
+
+Each step folder holds `state` (the TrainState) and `meta` (JSON: the config sections that fix the parameter shapes).
+A workdir whose checkpoint describes a different model is refused before anything is written, so a mistyped
+--workdir never overwrites someone's run.
+"""
+
+import json
+import logging
+import os
+
+import orbax.checkpoint as ocp
+
+from jaxdiff.errors import CheckpointError
+
+# Config entries that fix the shapes of the parameters: a checkpoint only fits a config that agrees on all of them.
+SHAPE_KEYS = ("model", "data.image_size", "data.channels", "diffusion.var_type", "num_classes")
+
+
+def model_signature(config, num_classes: int) -> dict:
+  """The parts of a config a checkpoint must agree with, as plain JSON values."""
+  full = json.loads(config.to_json_best_effort())
+  signature = {}
+  for key in SHAPE_KEYS:
+    if key == "num_classes":
+      signature[key] = num_classes
+      continue
+    value = full
+    for part in key.split("."):
+      value = value[part]
+    signature[key] = value
+  # Compute dtype, remat and dropout change no parameter shape: a checkpoint may be reused across them.
+  for free in ("dtype", "remat", "dropout"):
+    signature["model"].pop(free, None)
+  return signature
+
+
+def _describe_mismatch(saved: dict, current: dict) -> str:
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = saved.get(key), current.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += [f"{key}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} in the config"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} in the config")
+  return "; ".join(diffs[:3])
+
+
+class Checkpointer:
+  """Saves every N steps (async) and restores the newest readable step, refusing other models' checkpoints."""
+
+  def __init__(self, directory: str, *, signature: dict, max_to_keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self.signature = signature
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=True))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def check_compatible(self):
+    """Raises CheckpointError when the workdir holds a checkpoint of a different model."""
+    for step in reversed(self.all_steps()):
+      try:
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # An unreadable step says nothing about the model; restore() skips it.
+        continue
+      if saved != self.signature:
+        raise CheckpointError(
+            f"{self.directory} holds a checkpoint of a different model ({_describe_mismatch(saved, self.signature)})"
+            ": pass a new --workdir, or the config that checkpoint was trained with.")
+      return
+
+  def restore(self, abstract_state):
+    """The newest step that restores cleanly, or None when there is none; warns about unreadable steps."""
+    self.check_compatible()
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+      except Exception as e:  # orbax raises ValueError/KeyError/OSError on truncated or missing files.
+        logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
+                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+    return None
+
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.signature)),
+        force=force)
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
