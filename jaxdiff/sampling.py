@@ -1,5 +1,6 @@
 """Sampling: a jitted scan sampler over the mesh, PNG grids, and `.npz` files in the guided-diffusion format."""
 
+import functools
 import math
 import os
 import time
@@ -10,7 +11,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from jaxdiff.diffusion import ancestral_sample
+from jaxdiff import convert
+from jaxdiff.diffusion import create_diffusion, get_sampler
 from jaxdiff.errors import CheckpointError
 from jaxdiff.train import experiment as experiment_lib
 
@@ -21,15 +23,21 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool):
-  """jit(params, keys [B], labels [B] | None) -> uint8 images [B, H, W, C], batch sharded over the mesh."""
+  """jit(params, keys [B], labels [B] | None) -> uint8 images [B, H, W, C], batch sharded over the mesh.
 
-  def sample(params, keys, labels):
+  Uses the sampler, respacing and eta of `config.sample`.
+  """
+  s = exp.config.sample
+  sampler = get_sampler(s.sampler, eta=s.eta)
+  diffusion = create_diffusion(exp.config.diffusion, s.timestep_respacing)
+
+  def sample(diffusion, params, keys, labels):
     def denoise(x, t):
       return exp.model.apply({"params": params}, x, t, labels, train=False)
-    images = ancestral_sample(exp.diffusion, denoise, keys, exp.sample_shape, clip_denoised=clip_denoised)
-    return to_uint8(images)
+    return to_uint8(sampler(diffusion, denoise, keys, exp.sample_shape, clip_denoised=clip_denoised))
 
-  return jax.jit(sample, out_shardings=exp.batch_sharding)
+  # The process is an argument, not a constant folded into the program.
+  return functools.partial(jax.jit(sample, out_shardings=exp.batch_sharding), diffusion)
 
 
 def sample_keys(seed: int, indices: np.ndarray) -> jax.Array:
@@ -84,14 +92,20 @@ def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None) -> str:
 def run(config, workdir: str) -> dict:
   """Restores the newest checkpoint of `workdir` and writes `sample.num_samples` images as a grid and an .npz."""
   exp = experiment_lib.build(config)
-  checkpointer = exp.checkpointer(workdir)
-  state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
-  checkpointer.close()
-  if state is None:
-    raise CheckpointError(f"No checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
-                          "train first with train.py --workdir, or pass the workdir of a trained run.")
-  step = int(state.step)
-  params = state.ema_params if config.sample.use_ema else state.params
+  if config.model.init_from:
+    # Converted PyTorch weights replace the checkpoint; the outputs are tagged step 0.
+    params = convert.load_for_model(config.model.init_from, exp.model, image_size=config.data.image_size,
+                                    in_channels=config.data.channels)
+    params, step = jax.device_put(params, exp.state_sharding.params), 0
+  else:
+    checkpointer = exp.checkpointer(workdir)
+    state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
+    checkpointer.close()
+    if state is None:
+      raise CheckpointError(f"No checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
+                            "train first with train.py --workdir, or pass the workdir of a trained run.")
+    step = int(state.step)
+    params = state.ema_params if config.sample.use_ema else state.params
   s = config.sample
   sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised)
   out_dir = os.path.join(workdir, "samples")

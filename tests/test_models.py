@@ -163,3 +163,22 @@ def test_missing_key_is_a_config_error():
   del cfg['num_heads']
   with pytest.raises(ConfigError, match=r'model\.num_heads is missing'):
     create_model(cfg, image_size=32, in_channels=3, out_channels=3, num_classes=None)
+
+
+def test_iddpm_cifar10_param_count():
+  # improved-diffusion's CIFAR-10 flags: 128 ch, 3 res blocks, attention 16 and 8, 4 heads, learned sigma, dropout 0.3.
+  cfg = ddpm_config(num_res_blocks=3, attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True,
+                    dropout=0.3, flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, downsample_padding='symmetric')
+  model = create_model(cfg, image_size=32, in_channels=3, out_channels=6, num_classes=None)
+  assert count(param_shapes(model, 32, 3, None)) == 52_546_438  # = improved-diffusion UNetModel, counted in torch
+
+
+@pytest.mark.parametrize('name, size, expected', [
+    ('adm_imagenet64', 64, 295_904_454), ('adm_imagenet128', 128, 421_529_606),
+    ('adm_imagenet256', 256, 553_838_086)])
+def test_adm_config_param_counts(name, size, expected):
+  # Expected counts are guided-diffusion UNetModel's for the README flags, counted in torch.
+  config = __import__(f'configs.{name}', fromlist=['get_config']).get_config()
+  assert config.data.image_size == size and config.model.num_classes == 1000
+  model = create_model(config.model, image_size=size, in_channels=3, out_channels=6, num_classes=1000)
+  assert count(param_shapes(model, size, 3, 1000)) == expected

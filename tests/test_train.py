@@ -1,49 +1,18 @@
 """End-to-end: the same functions the CLIs call, on the bundled digits with the smoke configs."""
 
-import hashlib
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from configs import ddpm_cifar10, ddpm_mnist
+from configs import ddpm_cifar10
 from jaxdiff import sampling
 from jaxdiff.errors import CheckpointError, ConfigError, DataError
+from helpers import restore_state, smoke_config, tree_digest, tree_equal
 from jaxdiff.train import checkpoint as checkpoint_lib
 from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train import loop
-
-
-def smoke_config(tfds_dir, **overrides):
-  config = ddpm_mnist.get_config("smoke")
-  config.data.data_dir = tfds_dir
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
-
-
-def tree_equal(a, b):
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def tree_digest(directory):
-  h = hashlib.sha256()
-  for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
-      with open(os.path.join(root, name), "rb") as f:
-        h.update(name.encode() + f.read())
-  return h.hexdigest()
-
-
-def restore_state(config, workdir):
-  exp = experiment_lib.build(config)
-  checkpointer = exp.checkpointer(workdir)
-  try:
-    return checkpointer.restore(exp.abstract_state_with_sharding())
-  finally:
-    checkpointer.close()
 
 
 def test_train_then_sample(tfds_dir, tmp_path):

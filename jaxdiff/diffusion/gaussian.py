@@ -38,11 +38,61 @@ def _parse_enum(enum_cls, value: str, key: str):
     raise ConfigError(f"Unknown {key} {value!r}: use one of {choices}.") from None
 
 
+class LossType(enum.Enum):
+  """The training objective (improved DDPM's names in brackets)."""
+  MSE = "mse"  # L_simple [MSE]
+  HYBRID = "hybrid"  # L_simple + vlb_weight * L_vlb, the mean frozen in L_vlb [RESCALED_MSE at vlb_weight 1e-3]
+  KL = "kl"  # L_vlb alone [RESCALED_KL]
+
+
+def parse_loss(name: str, var_type: VarType) -> LossType:
+  """The `diffusion.loss` of a config, refusing a learned variance that nothing would train."""
+  loss_type = _parse_enum(LossType, name, "diffusion.loss")
+  if loss_type == LossType.MSE and var_type == VarType.LEARNED_RANGE:
+    raise ConfigError("diffusion.var_type='learned_range' is trained by the VLB: set diffusion.loss to 'hybrid' or "
+                      "'kl', or use a fixed variance.")
+  return loss_type
+
+
 class PMeanVar(NamedTuple):
   mean: jax.Array
   variance: jax.Array
   log_variance: jax.Array
   pred_x0: jax.Array
+
+
+class Losses(NamedTuple):
+  """Per-example terms: `loss` is what is minimised; `vb` is L_t in bits per dimension."""
+  loss: jax.Array
+  mse: jax.Array
+  vb: jax.Array
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+  """The tanh approximation of the standard normal CDF that the DDPM code uses (kept for comparable bits/dim)."""
+  return 0.5 * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+  """log P(x) in nats of 8-bit data scaled to [-1, 1] under a Gaussian integrated over each of the 256 bins."""
+  centered = x - means
+  inv_stdv = jnp.exp(-log_scales)
+  cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+  cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+  # The edge bins take the tails, so the 256 probabilities sum to one.
+  log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+  log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def _mean_flat(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
 def _f32(a: np.ndarray) -> jax.Array:
@@ -158,7 +208,7 @@ class GaussianDiffusion:
   def p_mean_variance(self, model_output: jax.Array, x_t: jax.Array, t: jax.Array, *,
                       clip_denoised: bool = True) -> PMeanVar:
     """p(x_{t-1} | x_t) from the network output at index t of this process."""
-    mean_output, var_output = self.split_output(model_output.astype(jnp.float32))
+    _, var_output = self.split_output(model_output.astype(jnp.float32))
     ndim = x_t.ndim
     if self.var_type == VarType.LEARNED_RANGE:
       min_log = _extract(self.posterior_log_variance_clipped, t, ndim)
@@ -173,11 +223,18 @@ class GaussianDiffusion:
     else:
       variance = jnp.broadcast_to(_extract(self.posterior_variance, t, ndim), x_t.shape)
       log_variance = jnp.broadcast_to(_extract(self.posterior_log_variance_clipped, t, ndim), x_t.shape)
+    pred_x0, _ = self.pred_x0_eps(model_output, x_t, t, clip_denoised=clip_denoised)
+    mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+    return PMeanVar(mean, variance, log_variance, pred_x0)
+
+  def pred_x0_eps(self, model_output: jax.Array, x_t: jax.Array, t: jax.Array, *,
+                  clip_denoised: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(x_0, eps) from the network output; eps is re-derived from the (clipped) x_0, as improved DDPM's DDIM does."""
+    mean_output, _ = self.split_output(model_output.astype(jnp.float32))
     pred_x0 = self.pred_x0(mean_output, x_t, t)
     if clip_denoised:
       pred_x0 = jnp.clip(pred_x0, -1, 1)
-    mean, _, _ = self.q_posterior(pred_x0, x_t, t)
-    return PMeanVar(mean, variance, log_variance, pred_x0)
+    return pred_x0, self.predict_eps_from_x0(x_t, t, pred_x0)
 
   # Training.
   def mean_target(self, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
@@ -192,15 +249,70 @@ class GaussianDiffusion:
                   noise: jax.Array) -> jax.Array:
     """DDPM's L_simple per example: mean squared error of the mean prediction."""
     mean_output, _ = self.split_output(model_output.astype(jnp.float32))
-    err = (mean_output - self.mean_target(x0, t, noise)) ** 2
-    return jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    return _mean_flat((mean_output - self.mean_target(x0, t, noise)) ** 2)
+
+  def vb_terms_bpd(self, model_output: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, *,
+                   clip_denoised: bool = False) -> jax.Array:
+    """L_t per example in bits per dimension: the decoder NLL at t=0, KL(q(x_{t-1}|x_t,x_0) || p) otherwise."""
+    true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
+    out = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
+    kl = _mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / np.log(2.0)
+    nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, out.mean, 0.5 * out.log_variance)) / np.log(2.0)
+    return jnp.where(t == 0, nll, kl)
+
+  def prior_bpd(self, x0: jax.Array) -> jax.Array:
+    """KL(q(x_T | x_0) || N(0, I)) per example in bits per dimension (no parameters: a constant of the data)."""
+    t = jnp.full(x0.shape[:1], self.num_timesteps - 1)
+    mean = _extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+    log_variance = jnp.log(_extract(1.0 - self.alphas_cumprod, t, x0.ndim))
+    return _mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / np.log(2.0)
+
+  def training_losses(self, model_output: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array,
+                      noise: jax.Array, *, loss_type: LossType, vlb_weight: float = 1e-3) -> Losses:
+    """The per-example objective at timesteps t of this process.
+
+    The VLB is estimated as T * L_t (an unbiased estimate of sum_t L_t for uniform t), in bits per dimension. In the
+    hybrid loss the mean output is frozen in the VLB term, so L_vlb trains only the variance (improved DDPM, sec 3.1).
+    """
+    model_output = model_output.astype(jnp.float32)
+    mse = self.simple_loss(model_output, x0, t, noise)
+    if loss_type == LossType.KL:
+      vb = self.vb_terms_bpd(model_output, x0, x_t, t)
+      return Losses(loss=self.num_timesteps * vb, mse=mse, vb=vb)
+    if loss_type == LossType.MSE:
+      return Losses(loss=mse, mse=mse, vb=jnp.zeros_like(mse))
+    mean_output, var_output = self.split_output(model_output)
+    frozen = jax.lax.stop_gradient(mean_output)
+    vb = self.vb_terms_bpd(frozen if var_output is None else jnp.concatenate([frozen, var_output], -1), x0, x_t, t)
+    return Losses(loss=mse + vlb_weight * self.num_timesteps * vb, mse=mse, vb=vb)
+
+  def bits_per_dim(self, denoise, x0: jax.Array, key: jax.Array, *, clip_denoised: bool = True) -> dict:
+    """The full VLB of a batch in bits per dimension: every L_t at one draw of x_t each, plus the prior term.
+
+    One `lax.scan` over the T timesteps of this process; `denoise(x_t, t)` takes network timesteps, as the samplers'.
+    Returns per-example `total`, `prior` and `terms` [B, T].
+    """
+    def term(_, t_and_key):
+      i, k = t_and_key
+      t = jnp.full(x0.shape[:1], i, dtype=jnp.int32)
+      x_t = self.q_sample(x0, t, jax.random.normal(k, x0.shape, jnp.float32))
+      vb = self.vb_terms_bpd(denoise(x_t, self.timestep_map[t]), x0, x_t, t, clip_denoised=clip_denoised)
+      return None, vb
+
+    steps = jnp.arange(self.num_timesteps, dtype=jnp.int32)
+    _, terms = jax.lax.scan(term, None, (steps, jax.random.split(key, self.num_timesteps)))
+    terms = terms.T
+    prior = self.prior_bpd(x0)
+    return {"total": terms.sum(axis=1) + prior, "prior": prior, "terms": terms}
 
 
-def create_diffusion(diffusion_cfg) -> GaussianDiffusion:
-  """The training process described by a config's `diffusion` section."""
+def create_diffusion(diffusion_cfg, timestep_respacing: str = "") -> GaussianDiffusion:
+  """The process of a config's `diffusion` section, respaced (see `schedules.space_timesteps`) for sampling."""
   betas = schedules.get_betas(diffusion_cfg.schedule, diffusion_cfg.num_timesteps,
                               beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
+  timesteps = schedules.space_timesteps(len(betas), timestep_respacing)
   return GaussianDiffusion.from_betas(
-      betas,
+      schedules.respace_betas(betas, timesteps),
       mean_type=_parse_enum(MeanType, diffusion_cfg.mean_type, "diffusion.mean_type"),
-      var_type=_parse_enum(VarType, diffusion_cfg.var_type, "diffusion.var_type"))
+      var_type=_parse_enum(VarType, diffusion_cfg.var_type, "diffusion.var_type"),
+      timestep_map=timesteps)

@@ -1,4 +1,4 @@
-"""Beta schedules, computed in float64 with NumPy (rounding here compounds over T steps)."""
+"""Beta schedules and timestep respacing, computed in float64 with NumPy (rounding here compounds over T steps)."""
 
 import math
 
@@ -39,3 +39,44 @@ def get_betas(name: str, num_timesteps: int, *, beta_start: float = 1e-4,
   if name == "cosine":
     return cosine_betas(num_timesteps)
   raise ConfigError(f"Unknown diffusion.schedule {name!r}: use one of {', '.join(SCHEDULES)}.")
+
+
+def space_timesteps(num_timesteps: int, respacing: str) -> np.ndarray:
+  """The sorted timesteps of a T-step process that a respaced process keeps.
+
+  `respacing` is "" (keep all), "N" or "N1,N2,..." (N_i steps evenly spaced, rounded, over the i-th of equal sections
+  of [0, T)), or "ddimN" (the DDIM paper's integer stride: 0, s, 2s, ... with exactly N steps); improved DDPM's rules.
+  """
+  if not respacing:
+    return np.arange(num_timesteps)
+  if respacing.startswith("ddim"):
+    count = _parse_count(respacing[len("ddim"):], respacing)
+    for stride in range(1, num_timesteps + 1):
+      if len(range(0, num_timesteps, stride)) == count:
+        return np.arange(0, num_timesteps, stride)
+    raise ConfigError(f"sample.timestep_respacing={respacing!r}: no integer stride gives exactly {count} of "
+                      f"{num_timesteps} steps; use a plain count such as {count!r}.")
+  counts = [_parse_count(c, respacing) for c in respacing.split(",")]
+  size_per, extra = divmod(num_timesteps, len(counts))
+  start, kept = 0, []
+  for i, count in enumerate(counts):
+    size = size_per + (1 if i < extra else 0)
+    if count > size:
+      raise ConfigError(f"sample.timestep_respacing={respacing!r}: a section of {size} steps cannot hold {count}.")
+    stride = (size - 1) / (count - 1) if count > 1 else 1
+    kept += [start + round(j * stride) for j in range(count)]
+    start += size
+  return np.array(sorted(set(kept)))
+
+
+def _parse_count(text: str, respacing: str) -> int:
+  if not text.strip().isdigit() or int(text) < 1:
+    raise ConfigError(f"sample.timestep_respacing={respacing!r}: use '', 'N', 'N1,N2,...' or 'ddimN' with "
+                      "positive integers.")
+  return int(text)
+
+
+def respace_betas(betas: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+  """Betas of the process that visits only `timesteps`, with the same alphas_cumprod there."""
+  alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, np.float64))[timesteps]
+  return 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])

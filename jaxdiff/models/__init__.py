@@ -67,13 +67,13 @@ def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classe
                       f'{sorted(DOWNSAMPLE_PADDINGS)}')
   if not 0 <= dropout < 1:
     raise ConfigError(f'model.dropout={dropout}: use a rate in [0, 1)')
-  widths = [base] + [base * m for m in mult]
+  widths = [int(base * m) for m in mult]
   for width in widths:
     if width % opt['norm_groups']:
       raise ConfigError(f'model.base_channels={base} with channel_mult={mult} gives {width} channels, not divisible '
                         f'by model.norm_groups={opt["norm_groups"]}: use multiples of it')
   # The middle block always attends at the last level's width.
-  for width in {base * mult[level] for level in attention_levels} | {base * mult[-1]}:
+  for width in {int(base * mult[level]) for level in attention_levels} | {int(base * mult[-1])}:
     if head_channels == -1 and width % num_heads:
       raise ConfigError(f'model.num_heads={num_heads} does not divide the {width} attention channels: '
                         f'use a divisor of it or set num_head_channels')

@@ -68,16 +68,21 @@ class UNet(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     emb = layers.timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                                     freq_shift=self.freq_shift)
-    emb = layers.TimeEmbedding(4 * self.base_channels, name='time_embed', **kw)(emb.astype(self.dtype))
+    # The embeddings and the output head run in float32 whatever the compute dtype, as in ADM's fp16 mode: bf16
+    # sinusoids of large t and a bf16 final conv cost more accuracy than the rest of the network.
+    f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
+    emb = layers.TimeEmbedding(4 * self.base_channels, name='time_embed', **f32)(emb)
     if self.num_classes is not None:
-      emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', **kw)(y)
+      emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', **f32)(y)
 
-    h = layers.conv(self.base_channels, name='conv_in', **kw)(x.astype(self.dtype))
+    # int(): guided-diffusion's 512x512 network starts at channel_mult 0.5.
+    width = lambda level: int(self.base_channels * self.channel_mult[level])
+    h = layers.conv(width(0), name='conv_in', **kw)(x.astype(self.dtype))
     skips = [h]
-    for level, mult in enumerate(self.channel_mult):
+    for level in range(num_levels):
       ds = 2 ** level
       for i in range(num_res[level]):
-        h = res(h, self.base_channels * mult, f'down_{level}_res_{i}')
+        h = res(h, width(level), f'down_{level}_res_{i}')
         if ds in self.attention_ds:
           h = attn(h, f'down_{level}_attn_{i}')
         skips.append(h)
@@ -97,8 +102,7 @@ class UNet(nn.Module):
     for level in reversed(range(num_levels)):
       ds = 2 ** level
       for i in range(num_res[level] + 1):
-        h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.base_channels * self.channel_mult[level],
-                f'up_{level}_res_{i}')
+        h = res(jnp.concatenate([h, skips.pop()], axis=-1), width(level), f'up_{level}_res_{i}')
         if ds in self.attention_ds:
           h = attn(h, f'up_{level}_attn_{i}')
       if level != 0:
@@ -108,8 +112,7 @@ class UNet(nn.Module):
         else:
           h = layers.Upsample(self.conv_resample, name=name, **kw)(h)
 
-    h = nn.silu(layers.group_norm(h, groups=self.norm_groups, eps=self.norm_eps, param_dtype=self.param_dtype,
-                                  name='norm_out'))
+    h = nn.silu(layers.group_norm(h.astype(jnp.float32), groups=self.norm_groups, eps=self.norm_eps,
+                                  param_dtype=self.param_dtype, name='norm_out'))
     # Zero-initialised: the untrained network predicts 0, and training starts from the identity residual path.
-    out = layers.conv(self.out_channels, name='conv_out', zero_init=True, **kw)(h)
-    return out.astype(jnp.float32)
+    return layers.conv(self.out_channels, name='conv_out', zero_init=True, **f32)(h)

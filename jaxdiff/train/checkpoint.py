@@ -8,8 +8,12 @@ A workdir whose checkpoint describes a different model is refused before anythin
 import json
 import logging
 import os
+import shutil
+import time
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxdiff.errors import CheckpointError
 
@@ -29,8 +33,8 @@ def model_signature(config, num_classes: int) -> dict:
     for part in key.split("."):
       value = value[part]
     signature[key] = value
-  # Compute dtype, remat and dropout change no parameter shape: a checkpoint may be reused across them.
-  for free in ("dtype", "remat", "dropout"):
+  # These change no parameter shape: a checkpoint may be reused across them.
+  for free in ("dtype", "remat", "dropout", "init_from"):
     signature["model"].pop(free, None)
   return signature
 
@@ -75,23 +79,57 @@ class Checkpointer:
       return
 
   def restore(self, abstract_state):
-    """The newest step that restores cleanly, or None when there is none; warns about unreadable steps."""
+    """The newest step that restores cleanly, or None when there is none.
+
+    An unreadable step (truncated or missing files, no metadata, an empty folder) is moved aside to
+    `<checkpoints>_unreadable/` with a warning, so nothing is deleted and a resumed run can save that step again.
+    """
     self.check_compatible()
     for step in reversed(self.all_steps()):
       try:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
-      except Exception as e:  # orbax raises ValueError/KeyError/OSError on truncated or missing files.
-        logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying an older one.",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+      except Exception as e:  # orbax raises ValueError/KeyError/OSError/... on damaged steps.
+        self._set_aside(step, e)
     return None
 
+  def _set_aside(self, step: int, error: Exception):
+    aside = os.path.join(f"{self.directory}_unreadable", f"{step}-{int(time.time())}")
+    logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying an older one.",
+                    step, self.directory, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
+                    aside)
+    if jax.process_index() == 0:  # the checkpoint directory is shared by all processes
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+    multihost_utils.sync_global_devices(f"jaxdiff_set_aside_{step}")
+    self.manager.reload()
+
   def save(self, step: int, state, *, force: bool = False) -> bool:
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.signature)),
-        force=force)
+    """Starts an async save; errors of this or the previous save surface here, as a CheckpointError."""
+    try:
+      return self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(self.signature)),
+          force=force)
+    except Exception as e:
+      raise self._save_error(step, e) from e
+
+  def wait(self):
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(None, e) from e
+
+  def _save_error(self, step, error: Exception) -> CheckpointError:
+    kept = [s for s in self.all_steps() if s != step]
+    return CheckpointError(
+        f"Saving checkpoint{'' if step is None else f' step {step}'} to {self.directory} failed "
+        f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); the earlier "
+        f"checkpoint (step {kept[-1] if kept else 'none'}) is intact: free disk space or fix the path, then resume.")
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()

@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from jaxdiff import data as data_lib
 from jaxdiff import models
 from jaxdiff.diffusion import GaussianDiffusion, create_diffusion
 from jaxdiff.errors import ConfigError
 from jaxdiff.train import checkpoint as checkpoint_lib
+from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import TrainState, create_state, make_optimizer
 
 
@@ -35,7 +36,7 @@ class Experiment:
 
   @property
   def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P("data"))
+    return mesh_lib.batch_sharding(self.mesh)
 
   def checkpointer(self, workdir: str) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(
@@ -48,7 +49,7 @@ class Experiment:
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if self.num_classes else None
     params = self.model.init(key, x, t, y, train=False)["params"]
-    return create_state(params, self.tx)
+    return create_state(params, self.tx, num_timesteps=self.diffusion.num_timesteps)
 
   def abstract_state(self) -> TrainState:
     return jax.eval_shape(self._init, jax.random.key(0))
@@ -72,6 +73,8 @@ def _check_config(config):
   n = jax.device_count()
   if t.batch_size <= 0 or t.batch_size % n:
     raise ConfigError(f"train.batch_size={t.batch_size} must be a positive multiple of the {n} devices.")
+  if t.batch_size % jax.process_count():
+    raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {jax.process_count()} processes.")
   if t.num_steps < 0:
     raise ConfigError(f"train.num_steps must be >= 0, got {t.num_steps}.")
   if not 0 <= t.ema_decay < 1:
@@ -88,7 +91,9 @@ def build(config) -> Experiment:
   _check_config(config)
   d = config.data
   num_classes = 0
-  if config.model.class_conditional:
+  if config.model.class_conditional and config.model.num_classes > 0:
+    num_classes = config.model.num_classes  # e.g. converted ImageNet weights, sampled without the dataset
+  elif config.model.class_conditional:
     info = data_lib.dataset_info(d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=d.split)
     if info.num_classes < 2:
       raise ConfigError(f"model.class_conditional=True needs a labelled dataset; {d.name!r} has "
@@ -100,7 +105,7 @@ def build(config) -> Experiment:
                               num_classes=num_classes or None)
   tx = make_optimizer(learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
                       grad_clip=config.train.grad_clip)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = mesh_lib.make_mesh(config.mesh)
   exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh)
-  exp.state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), exp.abstract_state())
+  exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)
   return exp

@@ -1,18 +1,21 @@
 """The training job: `run(config, workdir)` trains, checkpoints, resumes, logs and draws sample grids."""
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jaxdiff import data as data_lib
 from jaxdiff import sampling
+from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
 from jaxdiff.errors import UserError
 from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train.state import train_step
@@ -22,12 +25,33 @@ class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
 
 
+@contextlib.contextmanager
+def preemption_notice():
+  """Yields `reached(step)`: True at the step where every process should save and stop after a SIGTERM.
+
+  A single process installs its own SIGTERM handler; a multi-process run uses JAX's preemption sync service (which
+  jax.distributed sets up for SIGTERM), so that every process stops at the same step.
+  """
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def make_train_step(exp: experiment_lib.Experiment):
   """The jitted step with the state donated, the state replicated and the batch split over the data axis."""
   step = functools.partial(
       train_step, apply_fn=exp.model.apply, diffusion=exp.diffusion, tx=exp.tx,
       base_key=jax.random.fold_in(jax.random.key(exp.config.seed), 1), ema_decay=exp.config.train.ema_decay,
-      class_conditional=bool(exp.num_classes))
+      class_conditional=bool(exp.num_classes),
+      loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
+      vlb_weight=exp.config.diffusion.vlb_weight,
+      timestep_sampler=parse_timestep_sampler(exp.config.train.timestep_sampler))
   return jax.jit(step, donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding),
                  out_shardings=(exp.state_sharding, None))
 
@@ -91,27 +115,34 @@ def run(config, workdir: str) -> dict:
           writer.add_scalar(f"train/{name}", float(value), step)
         writer.add_scalar("train/steps_per_second", bar.format_dict["rate"] or 0.0, step)
 
+  preempted = False
+  last_saved = start_step if resumed else None
   try:
     with tqdm(total=num_steps, initial=start_step, desc="training", unit="step", disable=not is_main,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, preemption_notice() as preemption_reached:
       for step in range(start_step + 1, num_steps + 1):
         state, metrics = step_fn(state, exp.shard_batch(next(data_iter)))
         if pending is not None:
           report(*pending)
         pending = (step, metrics)
         bar.update(1)
-        if step % config.train.checkpoint_every == 0:
+        preempted = preemption_reached(step)
+        if preempted or step % config.train.checkpoint_every == 0:
           report(*pending)
           pending = None
-          checkpointer.save(step, state)
+          checkpointer.save(step, state, force=preempted)
+          last_saved = step
+        if preempted:
+          logging.warning("Preempted (SIGTERM): saved step %d; rerun the same command to resume.", step)
+          break
         if config.train.sample_every and step % config.train.sample_every == 0:
           grids.append(_write_grid(exp, sample_fn, state.ema_params, workdir, step))
       if pending is not None:
         report(*pending)
     final_step = int(state.step)
-    if final_step not in checkpointer.all_steps():
+    if last_saved != final_step:
       checkpointer.save(final_step, state, force=True)
-    if not grids or not grids[-1].endswith(f"{final_step:07d}.png"):
+    if not preempted and (not grids or not grids[-1].endswith(f"{final_step:07d}.png")):
       grids.append(_write_grid(exp, sample_fn, state.ema_params, workdir, final_step))
   finally:
     checkpointer.close()
@@ -122,6 +153,6 @@ def run(config, workdir: str) -> dict:
   return {
       "step": final_step, "resumed_from": start_step if resumed else None, "steps_run": steps_run,
       "seconds": seconds, "steps_per_second": steps_run / seconds if seconds else 0.0,
-      "final_loss": last_loss, "num_params": num_params, "grid": grids[-1],
+      "final_loss": last_loss, "num_params": num_params, "grid": grids[-1] if grids else None, "preempted": preempted,
       "checkpoints": checkpointer.directory, "tensorboard": os.path.join(os.path.abspath(workdir), "tensorboard"),
   }

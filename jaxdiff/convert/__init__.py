@@ -1,0 +1,96 @@
+"""PyTorch -> jaxdiff weight conversion: diffusers UNet2DModel folders and guided-/improved-diffusion state dicts.
+
+  python -m jaxdiff.convert --from=64x64_diffusion.pt --config=configs/adm_imagenet64.py --workdir=runs/adm64
+  python sample.py --config=configs/adm_imagenet64.py --config.model.init_from=64x64_diffusion.pt --workdir=out
+
+A path that is a folder is read as a diffusers model (config.json + diffusion_pytorch_model.safetensors); a file
+(.pt/.pth/.bin via torch.load(weights_only=True), or .safetensors) as a guided-/improved-diffusion state dict.
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxdiff import models
+from jaxdiff.convert import common, diffusers, guided_diffusion
+from jaxdiff.errors import CheckpointError
+from jaxdiff.train import experiment as experiment_lib
+from jaxdiff.train.state import create_state
+
+__all__ = ['Converted', 'load_diffusers', 'load_guided_diffusion', 'load_for_model', 'read_state_dict',
+           'write_checkpoint']
+
+read_state_dict = common.read_state_dict
+# UNet fields that change what the network computes without changing any parameter shape.
+_FREE_FIELDS = ('parent', 'name', 'dtype', 'param_dtype', 'remat', 'dropout')
+
+
+@dataclasses.dataclass
+class Converted:
+  params: Any
+  model_config: ml_collections.ConfigDict  # a `config.model` section describing the converted network
+  image_size: int
+  in_channels: int
+  out_channels: int
+
+
+def load_diffusers(folder: str) -> Converted:
+  """A diffusers UNet2DModel folder: the network comes from its config.json."""
+  cfg, shape = diffusers.model_config(diffusers.read_config(folder))
+  model = models.create_model(cfg, num_classes=cfg.num_classes or None, **shape)
+  state = common.read_state_dict(diffusers.weights_path(folder))
+  params = diffusers.convert(state, model, image_size=shape['image_size'], in_channels=shape['in_channels'],
+                             what=folder)
+  return Converted(params, cfg, **shape)
+
+
+def load_guided_diffusion(path: str, model_config: ml_collections.ConfigDict, *, image_size: int) -> Converted:
+  """A guided-/improved-diffusion state dict; `model_config` gives the flags a state dict cannot tell (heads,
+  attention order, dropout); classes, input and output channels are read from the weights."""
+  state = common.read_state_dict(path)
+  if 'input_blocks.0.0.weight' not in state or 'out.2.weight' not in state:
+    raise CheckpointError(f'{path} is not a guided-diffusion UNetModel state dict: it has no input_blocks.0.0.weight '
+                          'or out.2.weight.')
+  cfg = ml_collections.ConfigDict(model_config.to_dict())
+  labels = state.get('label_emb.weight')
+  cfg.class_conditional = labels is not None
+  cfg.num_classes = 0 if labels is None else int(labels.shape[0])
+  in_channels, out_channels = int(state['input_blocks.0.0.weight'].shape[1]), int(state['out.2.weight'].shape[0])
+  model = models.create_model(cfg, image_size=image_size, in_channels=in_channels, out_channels=out_channels,
+                              num_classes=cfg.num_classes or None)
+  params = guided_diffusion.convert(state, model, image_size=image_size, in_channels=in_channels, what=path)
+  return Converted(params, cfg, image_size, in_channels, out_channels)
+
+
+def load_for_model(path: str, model: models.UNet, *, image_size: int, in_channels: int):
+  """Params for a model already built from a config (sampling and the CLI): every key and shape is checked, and a
+  diffusers folder's layout options (embedding order, norm eps, padding, ...) must agree with the config too."""
+  if not os.path.isdir(path):
+    return guided_diffusion.convert(read_state_dict(path), model, image_size=image_size, in_channels=in_channels,
+                                    what=path)
+  cfg, shape = diffusers.model_config(diffusers.read_config(path))
+  expected = models.create_model(cfg, num_classes=cfg.num_classes or None, **shape)
+  diffs = [f'model.{f.name}: {getattr(expected, f.name)!r} in {path}, {getattr(model, f.name)!r} in the config'
+           for f in dataclasses.fields(models.UNet)
+           if f.name not in _FREE_FIELDS and getattr(expected, f.name) != getattr(model, f.name)]
+  if shape['image_size'] != image_size:
+    diffs.insert(0, f'data.image_size: {shape["image_size"]} in {path}, {image_size} in the config')
+  if diffs:
+    raise CheckpointError(f'The config does not describe the diffusers model ({"; ".join(diffs[:3])}'
+                          f'{"; ..." if len(diffs) > 3 else ""}): fix those config keys.')
+  return diffusers.convert(read_state_dict(diffusers.weights_path(path)), model, image_size=image_size,
+                           in_channels=in_channels, what=path)
+
+
+def write_checkpoint(path: str, config, workdir: str) -> str:
+  """Converts `path` for the model `config` describes and saves it as step 0 of `workdir`'s orbax checkpoints
+  (params and EMA params both the converted weights), which sample.py and train.py then restore."""
+  exp = experiment_lib.build(config)
+  params = load_for_model(path, exp.model, image_size=config.data.image_size, in_channels=config.data.channels)
+  checkpointer = exp.checkpointer(workdir)
+  checkpointer.check_compatible()
+  checkpointer.save(0, create_state(params, exp.tx), force=True)
+  checkpointer.close()
+  return checkpointer.directory

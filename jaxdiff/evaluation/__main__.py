@@ -1,0 +1,6 @@
+"""Entry point of `python -m jaxdiff.evaluation`."""
+
+from jaxdiff.evaluation import cli
+
+if __name__ == '__main__':
+  cli.main()
