@@ -8,7 +8,8 @@ lr 1e-4, batch 128, attention at 16 and 8 with 4 heads, scale-shift norm.
 
 The paper reports 2.94 bits/dim (test, L_hybrid) and FID 2.90 after 500k steps. Samples here use 250 respaced
 steps (`sample.timestep_respacing`; "" for all 4000). `:smoke` trains a tiny model with the same diffusion on the
-bundled digits in seconds: its bits/dim falls from about 8 to 5 within 60 steps (tests/test_diffusion_iddpm.py).
+bundled digits in seconds (T=20): its EMA bits/dim on 16 training digits went 5.32 -> 4.25 -> 3.59 after 1, 20
+and 60 steps (about 3 minutes in all on 2 cores, mostly compiling; `pytest -m slow tests/test_diffusion_iddpm.py`).
 """
 
 from configs import ddpm_mnist

@@ -1,6 +1,7 @@
 """Sampling: a jitted scan sampler over the mesh, PNG grids, and `.npz` files in the guided-diffusion format."""
 
 import functools
+import glob
 import math
 import os
 import time
@@ -8,12 +9,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
-from tqdm import tqdm
 
 from jaxdiff import convert
 from jaxdiff.diffusion import create_diffusion, get_sampler
 from jaxdiff.errors import CheckpointError
+from jaxdiff.progress import progress_bar
 from jaxdiff.train import experiment as experiment_lib
 
 
@@ -50,14 +52,13 @@ def class_labels(indices: np.ndarray, num_classes: int) -> np.ndarray | None:
   return (indices % num_classes).astype(np.int32) if num_classes else None
 
 
-def draw(exp, sample_fn, params, *, seed: int, start: int, count: int):
-  """Images and labels of global sample indices [start, start + count)."""
-  indices = np.arange(start, start + count)
+def draw_indices(exp, sample_fn, params, *, seed: int, indices: np.ndarray):
+  """Images and labels of the given global sample indices, gathered on every process."""
   keys = jax.device_put(sample_keys(seed, indices), exp.batch_sharding)
   labels = class_labels(indices, exp.num_classes)
-  if labels is not None:
-    labels = jax.device_put(labels, exp.batch_sharding)
-  return np.asarray(jax.device_get(sample_fn(params, keys, labels))), labels
+  device_labels = None if labels is None else jax.device_put(labels, exp.batch_sharding)
+  images = multihost_utils.process_allgather(sample_fn(params, keys, device_labels), tiled=True)
+  return np.asarray(images), labels
 
 
 def save_grid(images: np.ndarray, path: str, *, scale: int = 0) -> str:
@@ -79,52 +80,103 @@ def save_grid(images: np.ndarray, path: str, *, scale: int = 0) -> str:
   return path
 
 
-def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None) -> str:
-  """`arr_0` = uint8 [N, H, W, C] (and `arr_1` = labels), written atomically."""
+def save_npz(path: str, **arrays) -> str:
+  """Writes named arrays atomically (a reader never sees a partial file): `arr_0` = uint8 [N, H, W, C] images and
+  `arr_1` = labels is the guided-diffusion evaluation format."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  arrays = [images] if labels is None else [images, labels]
-  np.savez(tmp, *arrays)
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  np.savez(tmp, **arrays)
   os.replace(tmp, path)
   return path
 
 
-def run(config, workdir: str) -> dict:
-  """Restores the newest checkpoint of `workdir` and writes `sample.num_samples` images as a grid and an .npz."""
-  exp = experiment_lib.build(config)
+def _restore_params(exp, config, workdir: str):
+  """(params, step) from `model.init_from` (converted PyTorch weights, step 0) or the workdir's newest checkpoint."""
   if config.model.init_from:
-    # Converted PyTorch weights replace the checkpoint; the outputs are tagged step 0.
     params = convert.load_for_model(config.model.init_from, exp.model, image_size=config.data.image_size,
                                     in_channels=config.data.channels)
-    params, step = jax.device_put(params, exp.state_sharding.params), 0
-  else:
-    checkpointer = exp.checkpointer(workdir)
-    state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
-    checkpointer.close()
-    if state is None:
-      raise CheckpointError(f"No checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
-                            "train first with train.py --workdir, or pass the workdir of a trained run.")
-    step = int(state.step)
-    params = state.ema_params if config.sample.use_ema else state.params
+    return jax.device_put(params, exp.state_sharding.params), 0
+  checkpointer = exp.checkpointer(workdir)
+  state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
+  checkpointer.close()
+  if state is None:
+    raise CheckpointError(f"No checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
+                          "train first with train.py --workdir, or pass the workdir of a trained run.")
+  return (state.ema_params if config.sample.use_ema else state.params), int(state.step)
+
+
+def job_name(config, step: int) -> str:
+  """Names the settings that decide the samples, so shards of different settings never mix."""
   s = config.sample
+  source = "pytorch" if config.model.init_from else f"step{step}"
+  steps = f"_{s.timestep_respacing}" if s.get("timestep_respacing") else ""
+  ema = "ema" if s.use_ema else "raw"
+  return f"{source}_{ema}_{s.get('sampler', 'ancestral')}{steps}_seed{s.seed}"
+
+
+def _finished_indices(shard_dir: str, num_samples: int) -> np.ndarray:
+  """A [num_samples] mask of the sample indices already in finished shards (as process 0 sees them)."""
+  done = np.zeros(num_samples, bool)
+  if jax.process_index() == 0:
+    for path in glob.glob(os.path.join(shard_dir, "shard_*.npz")):
+      with np.load(path) as shard:
+        indices = shard["indices"]
+      done[indices[indices < num_samples]] = True
+  return np.asarray(multihost_utils.broadcast_one_to_all(done))
+
+
+def _assemble(shard_dir: str, num_samples: int):
+  """All finished shards as one array in global index order (each index once)."""
+  images, labels = None, None
+  for path in sorted(glob.glob(os.path.join(shard_dir, "shard_*.npz"))):
+    with np.load(path) as shard:
+      keep = shard["indices"] < num_samples
+      idx = shard["indices"][keep]
+      if images is None:
+        images = np.zeros((num_samples, *shard["arr_0"].shape[1:]), np.uint8)
+        labels = np.zeros(num_samples, np.int32) if "arr_1" in shard else None
+      images[idx] = shard["arr_0"][keep]
+      if labels is not None:
+        labels[idx] = shard["arr_1"][keep]
+  return images, labels
+
+
+def run(config, workdir: str) -> dict:
+  """Writes `sample.num_samples` images of the workdir's newest checkpoint as numbered .npz shards, then one .npz.
+
+  Sample i comes from the key fold_in(sample.seed, i), so the result does not depend on the batch size or the number
+  of devices or processes. Shards are written atomically and a rerun skips the samples they hold: a killed job,
+  rerun, ends with the same N samples as an uninterrupted one.
+  """
+  exp = experiment_lib.build(config)
+  params, step = _restore_params(exp, config, workdir)
+  s = config.sample
+  job_dir = os.path.join(workdir, "samples", job_name(config, step))
+  shard_dir = os.path.join(job_dir, "shards")
+  todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples))
+  is_main = jax.process_index() == 0
   sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised)
-  out_dir = os.path.join(workdir, "samples")
-  images, labels = [], []
   start_time = time.time()
-  with tqdm(total=s.num_samples, desc="sampling", unit="img") as bar:
-    for start in range(0, s.num_samples, s.batch_size):
-      batch_images, batch_labels = draw(exp, sample_fn, params, seed=s.seed, start=start, count=s.batch_size)
-      take = min(s.batch_size, s.num_samples - start)
-      images.append(batch_images[:take])
-      if batch_labels is not None:
-        labels.append(np.asarray(batch_labels)[:take])
-      bar.update(take)
+  with progress_bar(total=s.num_samples, initial=s.num_samples - len(todo), desc="sampling", unit="img",
+            disable=not is_main) as bar:
+    for first in range(0, len(todo), s.batch_size):
+      chunk = todo[first:first + s.batch_size]
+      # Padding keeps one compiled shape; the padded samples are drawn and dropped.
+      padded = np.concatenate([chunk, np.full(s.batch_size - len(chunk), chunk[-1])])
+      images, labels = draw_indices(exp, sample_fn, params, seed=s.seed, indices=padded)
+      if is_main:
+        arrays = dict(arr_0=images[:len(chunk)], indices=chunk)
+        if labels is not None:
+          arrays["arr_1"] = labels[:len(chunk)]
+        save_npz(os.path.join(shard_dir, f"shard_{chunk[0]:08d}.npz"), **arrays)
+      bar.update(len(chunk))
   seconds = time.time() - start_time
-  images = np.concatenate(images)
-  labels = np.concatenate(labels) if labels else None
-  n, h, w, c = images.shape
-  tag = f"{n}x{h}x{w}x{c}_step{step}"
-  grid_path = save_grid(images[:256], os.path.join(out_dir, f"grid_{tag}.png"))
-  npz_path = save_npz(os.path.join(out_dir, f"samples_{tag}.npz"), images, labels)
-  return {"step": step, "num_samples": n, "seconds": seconds, "images_per_second": n / seconds,
-          "grid": grid_path, "npz": npz_path}
+  summary = {"step": step, "num_samples": s.num_samples, "sampled_now": len(todo), "seconds": seconds,
+             "images_per_second": len(todo) / seconds if seconds else 0.0}
+  if is_main:
+    images, labels = _assemble(shard_dir, s.num_samples)
+    n, h, w, c = images.shape
+    summary["grid"] = save_grid(images[:256], os.path.join(job_dir, f"grid_{n}x{h}x{w}x{c}.png"))
+    summary["npz"] = save_npz(os.path.join(job_dir, f"samples_{n}x{h}x{w}x{c}.npz"),
+                              **({"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}))
+  return summary

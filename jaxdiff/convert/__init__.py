@@ -91,6 +91,6 @@ def write_checkpoint(path: str, config, workdir: str) -> str:
   params = load_for_model(path, exp.model, image_size=config.data.image_size, in_channels=config.data.channels)
   checkpointer = exp.checkpointer(workdir)
   checkpointer.check_compatible()
-  checkpointer.save(0, create_state(params, exp.tx), force=True)
+  checkpointer.save(0, create_state(params, exp.tx, num_timesteps=exp.diffusion.num_timesteps), force=True)
   checkpointer.close()
   return checkpointer.directory

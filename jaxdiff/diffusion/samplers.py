@@ -80,10 +80,11 @@ def ancestral_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.A
 
 
 def ddim_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array, sample_shape: tuple[int, ...],
-                *, eta: float = 0.0, clip_denoised: bool = True) -> jax.Array:
+                *, eta: float = 0.0, clip_denoised: bool = True, x_T: jax.Array | None = None) -> jax.Array:
   """DDIM (Song et al., 2021, eq. 12): eta = 0 is the deterministic ODE path, eta = 1 matches DDPM's variance.
 
-  Arguments as `ancestral_sample`; eps is re-derived from the clipped x_0 prediction.
+  Arguments as `ancestral_sample`; eps is re-derived from the clipped x_0 prediction. `x_T` replaces the initial
+  draw, e.g. with the output of `ddim_invert`.
   """
   init_keys, step_keys = split_keys(keys)
 
@@ -96,7 +97,7 @@ def ddim_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array,
     x = alpha_prev * x0 + jnp.sqrt(jnp.maximum(sigma_prev ** 2 - noise_var, 0.0)) * eps
     return x + jnp.sqrt(noise_var) * step_noise(step_keys, i, sample_shape) if eta else x
 
-  return _reverse_scan(diffusion, step, per_sample_normal(init_keys, sample_shape))
+  return _reverse_scan(diffusion, step, per_sample_normal(init_keys, sample_shape) if x_T is None else x_T)
 
 
 def ddim_invert(diffusion: GaussianDiffusion, denoise: Denoise, x0: jax.Array) -> jax.Array:

@@ -64,7 +64,11 @@ def space_timesteps(num_timesteps: int, respacing: str) -> np.ndarray:
     if count > size:
       raise ConfigError(f"sample.timestep_respacing={respacing!r}: a section of {size} steps cannot hold {count}.")
     stride = (size - 1) / (count - 1) if count > 1 else 1
-    kept += [start + round(j * stride) for j in range(count)]
+    # Accumulated as improved DDPM does: j * stride rounds differently at some ties (T=50, "25" keeps 25, not 24).
+    position = 0.0
+    for _ in range(count):
+      kept.append(start + round(position))
+      position += stride
     start += size
   return np.array(sorted(set(kept)))
 

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from jaxdiff import data as data_lib
 from jaxdiff.errors import DataError, UserError
 from jaxdiff.evaluation import inception
 from jaxdiff.evaluation.metrics import Statistics
+from jaxdiff.progress import progress_bar
 
 
 class FeatureExtractor:
@@ -63,7 +63,7 @@ class FeatureExtractor:
       bar.update(n)
 
     pending = None
-    with tqdm(total=total, desc=desc, unit='img') as bar:
+    with progress_bar(total=total, desc=desc, unit='img') as bar:
       for images in batches:
         started = self._start(images)  # dispatched before the previous batch is fetched: they overlap
         if pending:

@@ -3,7 +3,7 @@
 It reproduces pytorch-fid's `InceptionV3` with `use_fid_inception=True`: torchvision's Inception-v3 with the
 FID variants of the A, C and E blocks (average pools that ignore padding, a max pool in the last E block) and a
 1008-way classifier. Weights are read from a local copy of `pt_inception-2015-12-05-6726825d.pth` (or the same
-state dict as `.safetensors`); nothing is downloaded.
+state dict as `.safetensors` or `.npz`); nothing is downloaded.
 """
 
 import functools

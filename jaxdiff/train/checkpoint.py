@@ -18,7 +18,8 @@ from jax.experimental import multihost_utils
 from jaxdiff.errors import CheckpointError
 
 # Config entries that fix the shapes of the parameters: a checkpoint only fits a config that agrees on all of them.
-SHAPE_KEYS = ("model", "data.image_size", "data.channels", "diffusion.var_type", "num_classes")
+SHAPE_KEYS = ("model", "data.image_size", "data.channels", "diffusion.var_type", "diffusion.num_timesteps",
+              "num_classes")
 
 
 def model_signature(config, num_classes: int) -> dict:

@@ -11,12 +11,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from jaxdiff import data as data_lib
 from jaxdiff import sampling
 from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
 from jaxdiff.errors import UserError
+from jaxdiff.progress import progress_bar
 from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train.state import train_step
 
@@ -69,7 +69,7 @@ def batches(exp: experiment_lib.Experiment, start_step: int):
 def _write_grid(exp, sample_fn, params, workdir: str, step: int) -> str:
   n = exp.config.train.num_grid_samples
   count = -(-n // jax.device_count()) * jax.device_count()
-  images, _ = sampling.draw(exp, sample_fn, params, seed=exp.config.sample.seed, start=0, count=count)
+  images, _ = sampling.draw_indices(exp, sample_fn, params, seed=exp.config.sample.seed, indices=np.arange(count))
   return sampling.save_grid(images[:n], os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png"))
 
 
@@ -118,8 +118,8 @@ def run(config, workdir: str) -> dict:
   preempted = False
   last_saved = start_step if resumed else None
   try:
-    with tqdm(total=num_steps, initial=start_step, desc="training", unit="step", disable=not is_main,
-              dynamic_ncols=True) as bar, preemption_notice() as preemption_reached:
+    with progress_bar(total=num_steps, initial=start_step, desc="training", unit="step",
+                      disable=not is_main) as bar, preemption_notice() as preemption_reached:
       for step in range(start_step + 1, num_steps + 1):
         state, metrics = step_fn(state, exp.shard_batch(next(data_iter)))
         if pending is not None:
