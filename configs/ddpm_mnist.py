@@ -16,26 +16,30 @@ def get_config(variant=None):
   config.data.image_size = 28
   config.data.channels = 1
 
-  config.model.base_channels = 32
-  config.model.channel_mult = (1, 2, 2)
-  config.model.num_res_blocks = 1
+  # A narrow first level: 16 channels at 28x28 costs a third of 32 and is enough for pen strokes.
+  config.model.base_channels = 16
+  config.model.channel_mult = (1, 2, 4)
+  config.model.num_res_blocks = 2
   config.model.attention_resolutions = (7,)
+  config.model.norm_groups = 8
   config.model.dropout = 0.0
 
-  # T=500 halves sampling time; the linear schedule is scaled by 1000/T as in improved DDPM.
-  config.diffusion.num_timesteps = 500
-  config.diffusion.beta_start = 2e-4
-  config.diffusion.beta_end = 0.04
+  config.diffusion.num_timesteps = 1000
+  config.diffusion.schedule = "linear"
 
   config.train.batch_size = 32
-  config.train.num_steps = 1500
-  config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 100
-  config.train.ema_decay = 0.995
+  config.train.num_steps = 3000
+  config.train.learning_rate = 2e-3
+  config.train.warmup_steps = 200
+  config.train.ema_decay = 0.999
   config.train.log_every = 50
-  config.train.checkpoint_every = 500
+  config.train.checkpoint_every = 1000
   config.train.sample_every = 0  # grid at the end only
-  config.train.num_grid_samples = 36
+  config.train.num_grid_samples = 64
+
+  # DDIM with 100 of the 1000 steps: a tenth of the ancestral sampler's time at similar quality.
+  config.sample.sampler = "ddim"
+  config.sample.timestep_respacing = "ddim100"
 
   if variant == "smoke":
     apply_smoke(config)
@@ -54,6 +58,7 @@ def apply_smoke(config):
   config.model.num_heads = 1
   config.model.num_head_channels = -1
   config.diffusion.num_timesteps = 20
+  config.sample.timestep_respacing = ""  # all 20 steps
   config.train.batch_size = 8
   config.train.num_steps = 4
   config.train.warmup_steps = 1

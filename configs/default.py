@@ -69,6 +69,9 @@ def get_config():
   train.learning_rate = 2e-4
   train.warmup_steps = 5000
   train.grad_clip = 1.0
+  train.grad_accum_steps = 1  # micro-batches per step: same global batch, less activation memory
+  train.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves params unchanged instead of stopping the run
+  train.max_consecutive_skips = 100  # with skip_nonfinite_steps: stop after this many bad steps in a row
   train.ema_decay = 0.9999
   train.log_every = 100
   train.checkpoint_every = 5000

@@ -127,9 +127,13 @@ def references(iddpm_path: str) -> dict:
         data = inputs(schedule, diffusion.num_timesteps)
         x0, x = nchw(data["x0"]), nchw(data["x"])
         t = torch.arange(diffusion.num_timesteps)
-        seen = []  # what the network returned, at the timesteps improved-diffusion mapped t to
-        p = diffusion.p_mean_variance(lambda *args: seen.append(model(schedule, "learned_range")(*args)) or seen[-1],
-                                      x, t, clip_denoised=True)
+        network, seen = model(schedule, "learned_range"), []
+
+        def recorded(x, ts):  # what the network returned, at the timesteps improved-diffusion mapped t to
+          seen.append(network(x, ts))
+          return seen[-1]
+
+        p = diffusion.p_mean_variance(recorded, x, t, clip_denoised=True)
         x_t = diffusion.q_sample(x0, t, noise=nchw(data["noise"]))
         vb = diffusion._vb_terms_bpd(model(schedule, "learned_range"), x0, x_t, t, clip_denoised=False)  # pylint: disable=protected-access
         prefix = f"{schedule}/{r}/"

@@ -155,3 +155,19 @@ def test_sigkill_at_any_step_then_resume_is_bitwise_identical(tfds_dir, tmp_path
   assert int(a.step) == int(b.step) == 12
   assert tree_equal(a.params, b.params) and tree_equal(a.ema_params, b.ema_params)
   assert tree_equal(a.opt_state, b.opt_state)
+
+
+def test_nonfinite_steps_can_be_skipped(tfds_dir, tmp_path, monkeypatch):
+  original = loop.batches
+
+  def poisoned(exp, start_step):
+    for step, batch in enumerate(original(exp, start_step), start=start_step + 1):
+      yield dict(batch, image=np.full_like(batch["image"], np.inf)) if step == 3 else batch
+
+  monkeypatch.setattr(loop, "batches", poisoned)
+  config = smoke_config(tfds_dir, **{"train.num_steps": 5, "train.skip_nonfinite_steps": True})
+  summary = loop.run(config, str(tmp_path))
+  assert summary["step"] == 5 and np.isfinite(summary["final_loss"])
+  state = restore_state(config, str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+  assert int(state.opt_state.total_notfinite) == 1

@@ -11,6 +11,7 @@ Conventions matched (jaxdiff's are improved DDPM's):
   timesteps; "ddimN" equals its `timestep_spacing='leading'` with `steps_offset=0` and `set_alpha_to_one=True`.
 - DDIM re-derives eps from the clipped x_0 (`use_clipped_model_output=True`); DPM-Solver++ runs `solver_order=2`,
   `solver_type='midpoint'`, `lower_order_final=True` (first order into sigma 0), no thresholding.
+- DDIM inversion runs DDIMInverseScheduler the same way (its test says how its timesteps correspond).
 - Noise: x_T and every step's noise come from jaxdiff's keys and are handed to diffusers (`variance_noise` for DDIM;
   DDPMScheduler draws its own, so its `randn_tensor` is patched to return jaxdiff's draw).
 The network is a fixed nonlinear function of (x, t) evaluated in JAX for both. Every x_t the network sees and the
@@ -54,8 +55,8 @@ def make_process(schedule, num_timesteps, respacing, mean_type, var_type):
   return diffusion, np.cumprod(1.0 - betas), kept
 
 
-def run_jaxdiff(sampler, diffusion, denoise, keys, **kwargs):
-  """The final sample and every x the network saw, by step index i (N-1 first)."""
+def spy_on(diffusion, denoise):
+  """(denoise that also records each x it is given, {step index i: that x})."""
   seen = {}
 
   def record(i, x):
@@ -65,8 +66,13 @@ def run_jaxdiff(sampler, diffusion, denoise, keys, **kwargs):
     jax.debug.callback(record, jnp.searchsorted(diffusion.timestep_map, t[0]), x)
     return denoise(x, t)
 
-  final = jax.jit(lambda d, k: sampler(d, spy, k, SHAPE, **kwargs))(diffusion, keys)
-  final = np.asarray(final)
+  return spy, seen
+
+
+def run_jaxdiff(sampler, diffusion, denoise, keys, **kwargs):
+  """The final sample and every x the network saw, by step index i (N-1 first)."""
+  spy, seen = spy_on(diffusion, denoise)
+  final = np.asarray(jax.jit(lambda d, k: sampler(d, spy, k, SHAPE, **kwargs))(diffusion, keys))
   return [seen[i] for i in sorted(seen, reverse=True)] + [final]
 
 
@@ -157,6 +163,29 @@ def test_ddim_matches_ddim_scheduler(schedule, num_timesteps, steps, mean_type, 
   theirs = run_diffusers(scheduler, denoise, x_T, lambda k: {
       "eta": eta, "use_clipped_model_output": True, "variance_noise": to_torch(step_noise(steps - 1 - k))})
   assert_trajectories_match(ours, theirs)
+
+
+@pytest.mark.parametrize("schedule,num_timesteps,steps", [("linear", 1000, 50), ("cosine", 1000, 20),
+                                                           ("linear", 100, 10)])
+def test_ddim_invert_matches_ddim_inverse_scheduler(schedule, num_timesteps, steps):
+  """Every latent of the inversion. Step i of both takes eps at timestep tau_i from the latent at tau_{i-1} (x_0 at
+  i = 0, diffusers' `set_alpha_to_one=True`); "ddimN" is `timestep_spacing='leading'`, `steps_offset=0` where N
+  divides T (diffusers' step back is T // N). Epsilon prediction only: for x_0 and v outputs jaxdiff converts at
+  tau_i, the level the network was asked about, diffusers at tau_{i-1} (which divides by sigma = 0 at i = 0)."""
+  diffusion, alphas_cumprod, _ = make_process(schedule, num_timesteps, f"ddim{steps}", MeanType.EPSILON,
+                                              VarType.FIXED_SMALL)
+  denoise = functools.partial(fake_network, num_timesteps=num_timesteps, learned_variance=False)
+  x0 = np.random.default_rng(3).uniform(-1, 1, (2,) + SHAPE).astype(np.float32)
+  spy, seen = spy_on(diffusion, denoise)
+  x_T = np.asarray(jax.jit(lambda d, x: samplers.ddim_invert(d, spy, x))(diffusion, x0))
+  ours = [seen[i] for i in sorted(seen)] + [x_T]
+
+  scheduler = diffusers.DDIMInverseScheduler(num_train_timesteps=num_timesteps, prediction_type="epsilon",
+                                             clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                             timestep_spacing="leading")
+  scheduler.alphas_cumprod = torch.from_numpy(alphas_cumprod)
+  scheduler.set_timesteps(steps)
+  assert_trajectories_match(ours, run_diffusers(scheduler, denoise, x0, lambda k: {}))
 
 
 @pytest.mark.parametrize("schedule,num_timesteps,respacing,mean_type,var_type", [

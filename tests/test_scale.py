@@ -129,3 +129,32 @@ def test_killed_sampling_job_resumes_without_duplicates(trained, tmp_path):
   shard_indices = np.concatenate([np.load(shard_dir / f)["indices"] for f in os.listdir(shard_dir)
                                   if ".tmp" not in f])
   assert sorted(shard_indices) == list(range(40))  # no duplicates, none missing
+
+
+def _one_step(config, batch_size=8):
+  import jax
+  from jaxdiff.train import experiment
+  exp = experiment.build(config)
+  state = exp.init_state(jax.random.key(0))
+  batch = exp.shard_batch(next(loop.batches(exp, 0)))
+  return loop.make_train_step(exp)(state, batch)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tfds_dir):
+  import jax
+  full_state, full_metrics = _one_step(smoke_config(tfds_dir))
+  accum_state, accum_metrics = _one_step(smoke_config(tfds_dir, **{"train.grad_accum_steps": 4}))
+  np.testing.assert_allclose(accum_metrics["loss"], full_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(accum_metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(accum_state.params), jax.tree.leaves(full_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_master_params(tfds_dir):
+  import jax
+  import jax.numpy as jnp
+  fp32_state, fp32_metrics = _one_step(smoke_config(tfds_dir))
+  state, metrics = _one_step(smoke_config(tfds_dir, **{"model.dtype": "bfloat16"}))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((state.params, state.ema_params)))
+  assert metrics["loss"].dtype == jnp.float32 and np.isfinite(metrics["loss"])
+  np.testing.assert_allclose(metrics["loss"], fp32_metrics["loss"], rtol=2e-2)

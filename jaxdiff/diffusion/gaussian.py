@@ -290,7 +290,8 @@ class GaussianDiffusion:
     """The full VLB of a batch in bits per dimension: every L_t at one draw of x_t each, plus the prior term.
 
     One `lax.scan` over the T timesteps of this process; `denoise(x_t, t)` takes network timesteps, as the samplers'.
-    Returns per-example `total`, `prior` and `terms` [B, T].
+    The noise of x_t at index t is `jax.random.normal(jax.random.split(key, T)[t], x0.shape)` (the improved-diffusion
+    fixtures rely on it). Returns per-example `total`, `prior` and `terms` [B, T].
     """
     def term(_, t_and_key):
       i, k = t_and_key

@@ -105,7 +105,9 @@ def ddim_invert(diffusion: GaussianDiffusion, denoise: Denoise, x0: jax.Array) -
 
   Step i goes from index i - 1 (x_0 at i = 0) to index i with eps from the network at index i, evaluated at the
   point it starts from (what DDIM's step i would use at its end point; diffusers' DDIMInverseScheduler does the
-  same). No clipping: it would make the path irreversible.
+  same). No clipping: it would make the path irreversible. Exact for a network that ignores x; otherwise a round
+  trip is off by O(1 / steps), and badly near alpha_bar = 0 (the end of the cosine schedule), where sampling divides
+  the mismatch by alpha.
   """
   def step(x, i):
     t = _batch_t(x, i)

@@ -5,6 +5,7 @@ A workdir whose checkpoint describes a different model is refused before anythin
 --workdir never overwrites someone's run.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -22,8 +23,15 @@ SHAPE_KEYS = ("model", "data.image_size", "data.channels", "diffusion.var_type",
               "num_classes")
 
 
-def model_signature(config, num_classes: int) -> dict:
-  """The parts of a config a checkpoint must agree with, as plain JSON values."""
+def state_layout(abstract_state) -> str:
+  """A digest of every leaf's path, shape and dtype: catches any incompatible state, e.g. other optimizer options."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  text = ";".join(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype}" for path, leaf in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_signature(config, num_classes: int, abstract_state) -> dict:
+  """The parts of a config a checkpoint must agree with, as plain JSON values, plus the state's layout."""
   full = json.loads(config.to_json_best_effort())
   signature = {}
   for key in SHAPE_KEYS:
@@ -37,6 +45,7 @@ def model_signature(config, num_classes: int) -> dict:
   # These change no parameter shape: a checkpoint may be reused across them.
   for free in ("dtype", "remat", "dropout", "init_from"):
     signature["model"].pop(free, None)
+  signature["state_layout"] = state_layout(abstract_state)
   return signature
 
 
@@ -47,8 +56,10 @@ def _describe_mismatch(saved: dict, current: dict) -> str:
     if isinstance(a, dict) and isinstance(b, dict):
       diffs += [f"{key}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} in the config"
                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    elif a != b:
+    elif a != b and key != "state_layout":
       diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} in the config")
+  if not diffs:  # only the layout differs: an option that changes the optimizer state, such as train.grad_clip
+    diffs.append("the train state's layout differs: check the train.* options that shape the optimizer state")
   return "; ".join(diffs[:3])
 
 

@@ -41,7 +41,7 @@ class Experiment:
   def checkpointer(self, workdir: str) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        signature=checkpoint_lib.model_signature(self.config, self.num_classes),
+        signature=checkpoint_lib.model_signature(self.config, self.num_classes, self.abstract_state()),
         max_to_keep=self.config.train.keep_checkpoints)
 
   def _init(self, key: jax.Array) -> TrainState:
@@ -73,6 +73,9 @@ def _check_config(config):
   n = jax.device_count()
   if t.batch_size <= 0 or t.batch_size % n:
     raise ConfigError(f"train.batch_size={t.batch_size} must be a positive multiple of the {n} devices.")
+  if t.grad_accum_steps < 1 or t.batch_size % (t.grad_accum_steps * n):
+    raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum_steps={t.grad_accum_steps} "
+                      f"micro-batches of a multiple of the {n} devices each.")
   if t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {jax.process_count()} processes.")
   if t.num_steps < 0:
@@ -104,7 +107,7 @@ def build(config) -> Experiment:
                               out_channels=d.channels * diffusion.output_channels_factor,
                               num_classes=num_classes or None)
   tx = make_optimizer(learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
-                      grad_clip=config.train.grad_clip)
+                      grad_clip=config.train.grad_clip, skip_nonfinite=config.train.skip_nonfinite_steps)
   mesh = mesh_lib.make_mesh(config.mesh)
   exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh)
   exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)

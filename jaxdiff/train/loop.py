@@ -51,7 +51,8 @@ def make_train_step(exp: experiment_lib.Experiment):
       class_conditional=bool(exp.num_classes),
       loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
       vlb_weight=exp.config.diffusion.vlb_weight,
-      timestep_sampler=parse_timestep_sampler(exp.config.train.timestep_sampler))
+      timestep_sampler=parse_timestep_sampler(exp.config.train.timestep_sampler),
+      grad_accum_steps=exp.config.train.grad_accum_steps)
   return jax.jit(step, donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding),
                  out_shardings=(exp.state_sharding, None))
 
@@ -99,11 +100,19 @@ def run(config, workdir: str) -> dict:
   # flight (many un-awaited collective steps can stall CPU backends), and a NaN is caught at the step it happened.
   pending = None
 
+  consecutive_skips = 0
+
   def report(step, metrics):
-    nonlocal last_loss
+    nonlocal last_loss, consecutive_skips
     metrics = jax.device_get(metrics)
     last_loss = float(metrics["loss"])
-    if not np.isfinite(last_loss):
+    finite = np.isfinite(last_loss)
+    consecutive_skips = 0 if finite else consecutive_skips + 1
+    if not finite and config.train.skip_nonfinite_steps:
+      logging.warning("Loss %s at step %d: the update was skipped (%d in a row).", last_loss, step,
+                      consecutive_skips)
+    if not finite and (not config.train.skip_nonfinite_steps
+                       or consecutive_skips > config.train.max_consecutive_skips):
       saved = checkpointer.all_steps()
       raise TrainingDiverged(
           f"The loss became {last_loss} at step {step}; the last checkpoint (step {saved[-1] if saved else 'none'})"

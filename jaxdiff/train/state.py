@@ -21,11 +21,17 @@ class TrainState:
   loss_history: LossHistory  # read only by the loss_second_moment timestep sampler
 
 
-def make_optimizer(*, learning_rate: float, warmup_steps: int, grad_clip: float) -> optax.GradientTransformation:
-  """Adam with linear warmup to a constant rate and global-norm gradient clipping (the DDPM recipe)."""
+def make_optimizer(*, learning_rate: float, warmup_steps: int, grad_clip: float,
+                   skip_nonfinite: bool = False) -> optax.GradientTransformation:
+  """Adam with linear warmup to a constant rate and global-norm gradient clipping (the DDPM recipe).
+
+  With skip_nonfinite, a step whose gradients hold a NaN or Inf leaves the parameters and Adam's moments unchanged.
+  """
   schedule = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-  return optax.chain(*parts, optax.adam(schedule))
+  tx = optax.chain(*parts, optax.adam(schedule))
+  # The loop stops a run after too many skipped steps in a row, so optax's own limit is never the one that acts.
+  return optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30) if skip_nonfinite else tx
 
 
 def create_state(params, tx: optax.GradientTransformation, *, num_timesteps: int) -> TrainState:
@@ -39,35 +45,66 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def _micro_batches(tree, count: int):
+  """[B, ...] -> [count, B / count, ...], micro-batch i holding examples i, i + count, ...: each device's share of
+  the data-sharded batch stays spread evenly over the micro-batches."""
+  return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(-1, count, *a.shape[1:]), 0, 1), tree)
+
+
 def train_step(state: TrainState, batch: dict, *, apply_fn: Callable, diffusion: GaussianDiffusion,
                tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float,
                class_conditional: bool, loss_type: LossType = LossType.MSE, vlb_weight: float = 1e-3,
-               timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM):
-  """One optimisation step: draw t, x_t = q_sample, minimise `loss_type` (importance-weighted for a non-uniform t)."""
+               timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM, grad_accum_steps: int = 1):
+  """One optimisation step: draw t, x_t = q_sample, minimise `loss_type` (importance-weighted for a non-uniform t).
+
+  With grad_accum_steps > 1 the batch is processed in that many micro-batches whose gradients are summed, so
+  activations of only one micro-batch are alive at a time; t and the noise are drawn for the whole batch first.
+  """
   key = jax.random.fold_in(base_key, state.step)
   t_key, noise_key, dropout_key = jax.random.split(key, 3)
   x0 = batch["image"]
-  labels = batch["label"] if class_conditional else None
+  batch_size = x0.shape[0]
   if timestep_sampler == TimestepSampler.LOSS_SECOND_MOMENT:
-    t, weights = state.loss_history.sample(t_key, x0.shape[0])
+    t, weights = state.loss_history.sample(t_key, batch_size)
   else:
-    t, weights = jax.random.randint(t_key, x0.shape[:1], 0, diffusion.num_timesteps), 1.0
+    t, weights = jax.random.randint(t_key, (batch_size,), 0, diffusion.num_timesteps), jnp.ones((batch_size,))
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-  x_t = diffusion.q_sample(x0, t, noise)
+  inputs = dict(x0=x0, t=t, noise=noise, weights=weights,
+                labels=batch["label"] if class_conditional else jnp.zeros((batch_size,), jnp.int32))
 
-  def loss_fn(params):
-    out = apply_fn({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
-    losses = diffusion.training_losses(out, x0, x_t, t, noise, loss_type=loss_type, vlb_weight=vlb_weight)
-    return jnp.mean(losses.loss * weights), losses
+  def loss_fn(params, mb, dropout_key):
+    x_t = diffusion.q_sample(mb["x0"], mb["t"], mb["noise"])
+    labels = mb["labels"] if class_conditional else None
+    out = apply_fn({"params": params}, x_t, mb["t"], labels, train=True, rngs={"dropout": dropout_key})
+    losses = diffusion.training_losses(out, mb["x0"], x_t, mb["t"], mb["noise"], loss_type=loss_type,
+                                       vlb_weight=vlb_weight)
+    # Normalised by the whole batch, so summing micro-batch values gives the batch mean.
+    return jnp.sum(losses.loss * mb["weights"]) / batch_size, losses
 
-  (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if grad_accum_steps == 1:
+    (loss, losses), grads = grad_fn(state.params, inputs, dropout_key)
+  else:
+    def accumulate(carry, xs):
+      mb, mb_key = xs
+      (mb_loss, mb_losses), mb_grads = grad_fn(state.params, mb, mb_key)
+      return jax.tree.map(jnp.add, carry, (mb_loss, mb_grads)), mb_losses
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), losses = jax.lax.scan(
+        accumulate, zero, (_micro_batches(inputs, grad_accum_steps), jax.random.split(dropout_key, grad_accum_steps)))
+    # Back to batch order, matching t.
+    losses = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(batch_size, *a.shape[2:]), losses)
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay_at(state.step, ema_decay)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   loss_history = state.loss_history
   if timestep_sampler == TimestepSampler.LOSS_SECOND_MOMENT:
-    loss_history = loss_history.update(t, losses.loss)
+    updated = loss_history.update(t, losses.loss)
+    # A non-finite (skipped) step must not poison the history.
+    loss_history = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(loss), new, old), updated, loss_history)
   metrics = {"loss": loss, "mse": jnp.mean(losses.mse), "vb": jnp.mean(losses.vb),
              "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
   return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,

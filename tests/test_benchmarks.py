@@ -1,0 +1,31 @@
+"""benchmarks/compare_pytorch.py at a tiny size, so the script keeps working as jaxdiff changes."""
+
+import importlib.util
+import os
+
+import pytest
+
+from helpers import REPO
+
+
+@pytest.mark.torch
+def test_compare_pytorch_tiny(tmp_path):
+  pytest.importorskip('torch', reason='the torch extra is not installed')
+  pytest.importorskip('diffusers', reason='diffusers is not installed')
+  spec = importlib.util.spec_from_file_location('compare_pytorch', os.path.join(REPO, 'benchmarks', 'compare_pytorch.py'))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  net = dict(bench.NETWORKS['adm_imagenet64'], sample_size=16, block_out_channels=(32, 32), layers_per_block=1,
+             down_block_types=('DownBlock2D', 'AttnDownBlock2D'), up_block_types=('AttnUpBlock2D', 'UpBlock2D'),
+             attention_head_dim=16, num_class_embeds=3)
+  s = bench.Settings(batch=2, sample_batch=2, ddim_steps=2, ancestral_steps=2, train_reps=1, sample_reps=1,
+                     torch_compile=False)
+  rows = bench.benchmark('tiny', net, s, str(tmp_path), given_peak=1.0)
+  names = [r.name for r in rows]
+  assert 'train step (batch 2)' in names and 'DDIM 2 steps (batch 2)' in names and 'ancestral 2 steps (batch 2)' in names
+  for r in rows:
+    if r.unit in ('s', 'img/s'):
+      assert r.jax > 0 and (r.torch == '-' or r.torch > 0), r
+  assert 'MFU' in rows[4].jax
+  text = bench.table({'tiny': rows})
+  assert text.count('\n') == len(rows) + 1 and '| tiny | train step (batch 2) |' in text
