@@ -11,7 +11,6 @@ See benchmarks/README.md for what each row measures.
 import argparse
 import contextlib
 import dataclasses
-import functools
 import os
 import statistics
 import sys
@@ -20,7 +19,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import psutil
 
@@ -180,7 +178,6 @@ def jax_train(config, params, s: Settings) -> dict:
 
 def torch_train(model, s: Settings, *, compile_model: bool) -> dict:
   """The same step in PyTorch: DDPM loss at uniform t, backward, grad clipping, Adam, EMA (foreach ops)."""
-  import torch  # pylint: disable=import-outside-toplevel
   device = 'cuda' if is_gpu() else 'cpu'
   with peak_memory('torch') as mem:
     result = _torch_train(model.to(device).train(), s, device, compile_model)
@@ -346,7 +343,8 @@ def settings(args) -> tuple[Settings, dict]:
     s = Settings(batch=args.batch or 8, sample_batch=args.sample_batch or 4, ddim_steps=10, ancestral_steps=25,
                  train_reps=3, sample_reps=2, dtype=args.dtype, torch_compile=args.torch_compile)
   else:
-    s = Settings(batch=args.batch or (128 if is_gpu() else 16), sample_batch=args.sample_batch or (256 if is_gpu() else 8),
+    gpu = is_gpu()
+    s = Settings(batch=args.batch or (128 if gpu else 16), sample_batch=args.sample_batch or (256 if gpu else 8),
                  dtype=args.dtype, torch_compile=args.torch_compile)
   return s, nets
 

@@ -12,19 +12,12 @@ bundled digits in seconds (T=20): its EMA bits/dim on 16 training digits went 5.
 and 60 steps (about 3 minutes in all on 2 cores, mostly compiling; `pytest -m slow tests/test_diffusion_iddpm.py`).
 """
 
+from configs import ddpm_cifar10
 from configs import ddpm_mnist
-from configs import default
 
 
 def get_config(variant=None):
-  config = default.get_config()
-  config.data.name = "cifar10"
-  config.data.image_size = 32
-  config.data.channels = 3
-  config.data.random_flip = True
-
-  config.model.base_channels = 128
-  config.model.channel_mult = (1, 2, 2, 2)
+  config = ddpm_cifar10.get_config()  # same data, width and levels
   config.model.num_res_blocks = 3
   config.model.attention_resolutions = (16, 8)
   config.model.num_heads = 4
@@ -32,7 +25,8 @@ def get_config(variant=None):
   config.model.dropout = 0.3
   config.model.norm_eps = 1e-5
   config.model.downsample_padding = "symmetric"
-  config.model.flip_sin_to_cos = True
+  config.model.flip_sin_to_cos = True  # improved-diffusion's [cos, sin] timestep embedding
+  config.model.freq_shift = 0
 
   config.diffusion.num_timesteps = 4000
   config.diffusion.schedule = "cosine"
@@ -41,12 +35,10 @@ def get_config(variant=None):
   config.diffusion.loss = "hybrid"
   config.diffusion.vlb_weight = 1e-3
 
-  config.train.batch_size = 128
   config.train.num_steps = 500_000
   config.train.learning_rate = 1e-4
   config.train.warmup_steps = 0
   config.train.grad_clip = 0.0  # improved-diffusion does not clip
-  config.train.ema_decay = 0.9999
 
   config.sample.timestep_respacing = "250"
 

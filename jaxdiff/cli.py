@@ -75,9 +75,10 @@ def main(argv, *, job: str):
     fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value.")
   _configure_logging()
   # Imported here so --help and flag errors do not wait for JAX to load.
-  from jaxdiff import sampling
+  from jaxdiff import likelihood, sampling
   from jaxdiff.train import loop
   from jaxdiff.train import mesh as mesh_lib
+  jobs = {"train": loop.run, "sample": sampling.run, "likelihood": likelihood.run}
 
   config = FLAGS.config
   try:
@@ -87,9 +88,12 @@ def main(argv, *, job: str):
   workdir = FLAGS.workdir
   try:
     mesh_lib.initialize_distributed(config.distributed)
-    summary = loop.run(config, workdir) if job == "train" else sampling.run(config, workdir)
+    summary = jobs[job](config, workdir)
   except UserError as e:
     fail(str(e))
+  import jax
+  if jax.process_index() != 0:  # process 0 reports for the whole run
+    return
   print(f"\n{job} finished:")
   print(json.dumps(summary, indent=2, default=str))
   if job == "train" and summary["preempted"]:
@@ -97,7 +101,7 @@ def main(argv, *, job: str):
   elif job == "train":
     print(f"EMA sample grid: {summary['grid']}\ncheckpoints:     {summary['checkpoints']}\n"
           f"TensorBoard:     tensorboard --logdir {summary['tensorboard']}")
-  else:
+  elif job == "sample":
     print(f"sample grid: {summary['grid']}\nsamples:     {summary['npz']}")
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f"{job}_summary.json"), "w") as f:

@@ -6,8 +6,6 @@ Restores the newest checkpoint of the workdir, evaluates `likelihood.num_batches
 prints and writes `<workdir>/likelihood_summary.json`. Costs T network evaluations per batch.
 """
 
-import json
-import os
 import time
 
 import jax
@@ -16,7 +14,6 @@ from absl import app
 
 from jaxdiff import cli
 from jaxdiff import data as data_lib
-from jaxdiff.errors import CheckpointError, UserError
 from jaxdiff.train import experiment as experiment_lib
 
 
@@ -37,17 +34,12 @@ def make_bpd_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool):
 def run(config, workdir: str) -> dict:
   """Bits/dim of the newest checkpoint in `workdir` on `config.likelihood.num_batches` batches."""
   exp = experiment_lib.build(config)
-  checkpointer = exp.checkpointer(workdir)
-  state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
-  checkpointer.close()
-  if state is None:
-    raise CheckpointError(f"No checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
-                          "train first with train.py --workdir, or pass the workdir of a trained run.")
   lk, d = config.likelihood, config.data
-  params = state.ema_params if lk.use_ema else state.params
+  params, step = exp.restore_params(workdir, use_ema=lk.use_ema)
   data = data_lib.train_batches(name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=lk.split,
-                                image_size=d.image_size, channels=d.channels, batch_size=lk.batch_size,
-                                seed=lk.seed, random_flip=False)
+                                image_size=d.image_size, channels=d.channels,
+                                batch_size=lk.batch_size // jax.process_count(), seed=lk.seed, random_flip=False,
+                                process_index=jax.process_index(), process_count=jax.process_count())
   bpd_fn = make_bpd_fn(exp, clip_denoised=lk.clip_denoised)
   totals, priors = [], []
   start_time = time.time()
@@ -57,24 +49,15 @@ def run(config, workdir: str) -> dict:
     totals.append(np.asarray(total))
     priors.append(np.asarray(prior))
   totals, priors = np.concatenate(totals), np.concatenate(priors)
-  summary = {"step": int(state.step), "bits_per_dim": float(totals.mean()),
+  summary = {"step": step, "bits_per_dim": float(totals.mean()),
              "bits_per_dim_stderr": float(totals.std() / np.sqrt(len(totals))), "prior_bits_per_dim":
              float(priors.mean()), "num_images": len(totals), "split": lk.split, "ema": lk.use_ema,
              "seconds": time.time() - start_time}
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "likelihood_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
   return summary
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value.")
-  try:
-    summary = run(cli.FLAGS.config, cli.FLAGS.workdir)
-  except UserError as e:
-    cli.fail(str(e))
-  print(json.dumps(summary, indent=2))
+  cli.main(argv, job="likelihood")
 
 
 if __name__ == "__main__":

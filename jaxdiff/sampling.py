@@ -12,9 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from jaxdiff import convert
 from jaxdiff.diffusion import create_diffusion, get_sampler
-from jaxdiff.errors import CheckpointError
 from jaxdiff.progress import progress_bar
 from jaxdiff.train import experiment as experiment_lib
 
@@ -90,21 +88,6 @@ def save_npz(path: str, **arrays) -> str:
   return path
 
 
-def _restore_params(exp, config, workdir: str):
-  """(params, step) from `model.init_from` (converted PyTorch weights, step 0) or the workdir's newest checkpoint."""
-  if config.model.init_from:
-    params = convert.load_for_model(config.model.init_from, exp.model, image_size=config.data.image_size,
-                                    in_channels=config.data.channels)
-    return jax.device_put(params, exp.state_sharding.params), 0
-  checkpointer = exp.checkpointer(workdir)
-  state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
-  checkpointer.close()
-  if state is None:
-    raise CheckpointError(f"No checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
-                          "train first with train.py --workdir, or pass the workdir of a trained run.")
-  return (state.ema_params if config.sample.use_ema else state.params), int(state.step)
-
-
 def job_name(config, step: int) -> str:
   """Names the settings that decide the samples, so shards of different settings never mix."""
   s = config.sample
@@ -149,7 +132,7 @@ def run(config, workdir: str) -> dict:
   rerun, ends with the same N samples as an uninterrupted one.
   """
   exp = experiment_lib.build(config)
-  params, step = _restore_params(exp, config, workdir)
+  params, step = exp.restore_params(workdir, use_ema=config.sample.use_ema)
   s = config.sample
   job_dir = os.path.join(workdir, "samples", job_name(config, step))
   shard_dir = os.path.join(job_dir, "shards")

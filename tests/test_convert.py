@@ -82,7 +82,7 @@ def test_guided_diffusion_fixture_bf16():
   converted = convert.load_guided_diffusion(WEIGHTS, model_config(flags['new_order']), image_size=16)
   err = rel_err(apply_nchw(converted, io['x'], io['t'], io['y'], dtype='bfloat16'), io['new_order'])
   print(f'guided-diffusion fixture: bf16 compute vs fp32 reference relative error {err:.2e}')
-  assert err < 1.1e-2  # measured 9.9e-3 (every weight random, the zero-initialised convs included)
+  assert err < 1e-2  # measured 8.1e-3 (every weight random, the zero-initialised convs included)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -195,8 +195,8 @@ def test_diffusers_bf16(tmp_path):
                                        randomize=False)
   print(f'diffusers ddpm_reduced, default init: bf16 compute vs fp32 reference relative error: jaxdiff {err:.2e}, '
         f'PyTorch autocast {torch_err:.2e}')
-  # Measured 1.01e-2 against PyTorch's 1.30e-2: rounding the operands of every conv and matmul sets the floor.
-  assert err < 1.1e-2 and err < torch_err
+  # Measured 7.6e-3 against PyTorch autocast's 1.30e-2: rounding the operands of every conv and matmul sets the floor.
+  assert err < 1e-2 and err < torch_err
 
 
 @pytest.mark.torch

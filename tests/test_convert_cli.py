@@ -17,7 +17,8 @@ SAMPLE = ['--config.sample.num_samples=2', '--config.sample.batch_size=2']
 STEPS = '--config.diffusion.num_timesteps=10'
 # A diffusers UNet2DModel matching configs/ddpm_cifar10.py:smoke (16/32 channels, attention at 16x16, 8 groups).
 DIFFUSERS_SMOKE = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                       down_block_types=('DownBlock2D', 'AttnDownBlock2D'), up_block_types=('AttnUpBlock2D', 'UpBlock2D'),
+                       down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
+                       up_block_types=('AttnUpBlock2D', 'UpBlock2D'),
                        layers_per_block=1, norm_num_groups=8, attention_head_dim=None, norm_eps=1e-6,
                        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
 

@@ -34,9 +34,11 @@ def _params(path):
     return [f[f"arr_{i}"] for i in range(len([k for k in f.files if k.startswith("arr_")]))], int(f["num_sharded"])
 
 
-def _assert_close(a, b):
+def _assert_close(a, b, learning_rate=2e-3):
+  # Adam divides each gradient element by its own scale: where a gradient is ~0, another summation order across
+  # devices moves that element's update by a small fraction of the learning rate, so atol is tied to it.
   for x, y in zip(a, b, strict=True):
-    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-2 * learning_rate)
 
 
 @pytest.fixture(scope="module")

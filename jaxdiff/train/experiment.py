@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jaxdiff import data as data_lib
 from jaxdiff import models
 from jaxdiff.diffusion import GaussianDiffusion, create_diffusion
-from jaxdiff.errors import ConfigError
+from jaxdiff.errors import CheckpointError, ConfigError
 from jaxdiff.train import checkpoint as checkpoint_lib
 from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import TrainState, create_state, make_optimizer
@@ -61,6 +61,21 @@ class Experiment:
   def abstract_state_with_sharding(self) -> TrainState:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         self.abstract_state(), self.state_sharding)
+
+  def restore_params(self, workdir: str, *, use_ema: bool):
+    """(params, step) from `model.init_from` (converted PyTorch weights, step 0) or the workdir's newest checkpoint."""
+    if self.config.model.init_from:
+      from jaxdiff import convert  # torch-only code paths load lazily
+      params = convert.load_for_model(self.config.model.init_from, self.model,
+                                      image_size=self.config.data.image_size, in_channels=self.config.data.channels)
+      return jax.device_put(params, self.state_sharding.params), 0
+    checkpointer = self.checkpointer(workdir)
+    state = checkpointer.restore(self.abstract_state_with_sharding()) if checkpointer.all_steps() else None
+    checkpointer.close()
+    if state is None:
+      raise CheckpointError(f"No checkpoint in {checkpointer.directory}: train first with train.py --workdir, "
+                            "pass the workdir of a trained run, or set model.init_from to PyTorch weights.")
+    return (state.ema_params if use_ema else state.params), int(state.step)
 
   def shard_batch(self, batch: dict) -> dict:
     """This process's share of the global batch, placed over the mesh's data axis."""
