@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import adm_imagenet64
-from jaxdiff import convert, sampling
+from jaxdiff import convert
 from jaxdiff.convert import common
 from jaxdiff.errors import CheckpointError
 

@@ -9,7 +9,6 @@ from scipy import stats
 
 from jaxdiff.diffusion import (GaussianDiffusion, LossHistory, LossType, MeanType, VarType, ddim_invert,
                                ddim_sample, get_sampler, parse_loss, schedules)
-from jaxdiff.diffusion import samplers
 from jaxdiff.errors import ConfigError
 
 

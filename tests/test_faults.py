@@ -97,7 +97,8 @@ def test_failed_save_is_loud_and_keeps_the_previous_checkpoint(tfds_dir, tmp_pat
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
   config.train.num_steps = 4
-  with pytest.raises(CheckpointError, match=r"step 4 .* failed \(OSError.*No space left.*earlier checkpoint \(step 2\)"):
+  expected = r"step 4 .* failed \(OSError.*No space left.*earlier checkpoint \(step 2\)"
+  with pytest.raises(CheckpointError, match=expected):
     loop.run(config, str(tmp_path))
   assert tree_digest(tmp_path / "checkpoints") == before
 

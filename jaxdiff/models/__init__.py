@@ -82,7 +82,8 @@ def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classe
                         f'use a divisor of it, or -1 to use num_heads')
 
   return UNet(out_channels=out_channels, base_channels=base, channel_mult=mult, num_res_blocks=num_res,
-              attention_ds=tuple(2 ** level for level in attention_levels), num_heads=num_heads, num_head_channels=head_channels,
+              attention_ds=tuple(2 ** level for level in attention_levels), num_heads=num_heads,
+              num_head_channels=head_channels,
               legacy_qkv_order=bool(_key(model_cfg, 'legacy_qkv_order')),
               use_scale_shift_norm=bool(_key(model_cfg, 'use_scale_shift_norm')),
               resblock_updown=bool(_key(model_cfg, 'resblock_updown')), dropout=dropout, num_classes=num_classes,
