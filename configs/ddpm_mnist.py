@@ -3,8 +3,9 @@
   python train.py --config configs/ddpm_mnist.py --workdir runs/mnist
   python sample.py --config configs/ddpm_mnist.py --workdir runs/mnist
 
-Runtime: about 10 minutes of training plus about 1 minute of sampling on a 2-core CPU. Expected result: an EMA
-sample grid of clearly recognisable, varied digits. `:smoke` trains a tiny model for a few steps (seconds).
+Runtime on a 2-core CPU: 11.5 minutes of training (3,000 steps at about 4.6 steps/s, compilation and the final
+grid included), then 32 s of sampling. Expected result: an EMA sample grid of varied, mostly clearly recognisable
+digits (docs/mnist_samples.png). `:smoke` trains a tiny model for a few steps (seconds).
 """
 
 from configs import default
