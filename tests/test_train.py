@@ -55,8 +55,10 @@ def test_class_conditional_samples_carry_labels(tfds_dir, tmp_path):
     np.testing.assert_array_equal(f["arr_1"], [0, 1, 2, 3])
 
 
-def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tfds_dir, tmp_path):
-  config = smoke_config(tfds_dir, **{"train.num_steps": 4, "train.checkpoint_every": 2})
+@pytest.mark.parametrize("timestep_sampler", ["uniform", "loss_second_moment"])
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tfds_dir, tmp_path, timestep_sampler):
+  config = smoke_config(tfds_dir, **{"train.num_steps": 4, "train.checkpoint_every": 2,
+                                     "train.timestep_sampler": timestep_sampler})
   loop.run(config, str(tmp_path / "straight"))
 
   config.train.num_steps = 2  # the "interrupted" run stops after its step-2 checkpoint
@@ -69,6 +71,10 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tfds_d
   resumed = restore_state(config, str(tmp_path / "resumed"))
   assert int(resumed.step) == 4
   assert tree_equal(straight.params, resumed.params) and tree_equal(straight.opt_state, resumed.opt_state)
+  # The importance sampler's per-timestep loss history is part of the checkpoint.
+  assert tree_equal(straight.loss_history, resumed.loss_history)
+  if timestep_sampler == "loss_second_moment":
+    assert np.count_nonzero(np.asarray(jax.tree.leaves(resumed.loss_history)[0])) > 0
 
 
 def test_checkpoint_round_trip(tfds_dir, tmp_path):
