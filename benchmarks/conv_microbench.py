@@ -1,0 +1,54 @@
+"""One 3x3 convolution, XLA on CPU against PyTorch (oneDNN): where jaxdiff's CPU time goes at small widths.
+
+  python benchmarks/conv_microbench.py
+
+Prints the median forward and forward+backward time of a single NHWC convolution at a few (batch, size, channels).
+"""
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+SHAPES = [(8, 32, 64), (8, 16, 128), (32, 28, 16)]  # (batch, height = width, channels in = out)
+
+
+def median_seconds(fn, sync, reps=10):
+  sync(fn())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main():
+  conv = jax.jit(lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME",
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  grad = jax.jit(jax.grad(lambda a, k: conv(a, k).sum(), argnums=(0, 1)))
+  print("| batch x size x channels | XLA fwd ms | torch fwd ms | XLA fwd+bwd ms | torch fwd+bwd ms |")
+  print("|---|---|---|---|---|")
+  for b, hw, c in SHAPES:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, hw, hw, c), np.float32)
+    w = rng.standard_normal((3, 3, c, c), np.float32)
+    jx, jw = jnp.asarray(x), jnp.asarray(w)
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
+
+    def torch_grad():
+      return torch.autograd.grad(torch.nn.functional.conv2d(tx, tw, padding=1).sum(), (tx, tw))
+
+    times = [median_seconds(lambda: conv(jx, jw), jax.block_until_ready),
+             median_seconds(lambda: torch.nn.functional.conv2d(tx.detach(), tw.detach(), padding=1), lambda r: r),
+             median_seconds(lambda: grad(jx, jw), jax.block_until_ready),
+             median_seconds(torch_grad, lambda r: r)]
+    print(f"| {b} x {hw}x{hw} x {c} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " |")
+
+
+if __name__ == "__main__":
+  main()
