@@ -5,25 +5,18 @@
 Prints the median forward and forward+backward time of a single NHWC convolution at a few (batch, size, channels).
 """
 
-import statistics
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_pytorch import median_time  # noqa: E402  pylint: disable=wrong-import-position
+
 SHAPES = [(8, 32, 64), (8, 16, 128), (32, 28, 16)]  # (batch, height = width, channels in = out)
-
-
-def median_seconds(fn, sync, reps=10):
-  sync(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    sync(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():
@@ -43,10 +36,11 @@ def main():
     def torch_grad():
       return torch.autograd.grad(torch.nn.functional.conv2d(tx, tw, padding=1).sum(), (tx, tw))
 
-    times = [median_seconds(lambda: conv(jx, jw), jax.block_until_ready),
-             median_seconds(lambda: torch.nn.functional.conv2d(tx.detach(), tw.detach(), padding=1), lambda r: r),
-             median_seconds(lambda: grad(jx, jw), jax.block_until_ready),
-             median_seconds(torch_grad, lambda r: r)]
+    reps = 10
+    times = [median_time(lambda: conv(jx, jw), reps, jax.block_until_ready),
+             median_time(lambda: torch.nn.functional.conv2d(tx.detach(), tw.detach(), padding=1), reps, lambda r: r),
+             median_time(lambda: grad(jx, jw), reps, jax.block_until_ready),
+             median_time(torch_grad, reps, lambda r: r)]
     print(f"| {b} x {hw}x{hw} x {c} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " |")
 
 

@@ -92,9 +92,9 @@ def job_name(config, step: int) -> str:
   """Names the settings that decide the samples, so shards of different settings never mix."""
   s = config.sample
   source = "pytorch" if config.model.init_from else f"step{step}"
-  steps = f"_{s.timestep_respacing}" if s.get("timestep_respacing") else ""
+  steps = f"_{s.timestep_respacing}" if s.timestep_respacing else ""
   ema = "ema" if s.use_ema else "raw"
-  return f"{source}_{ema}_{s.get('sampler', 'ancestral')}{steps}_seed{s.seed}"
+  return f"{source}_{ema}_{s.sampler}{steps}_seed{s.seed}"
 
 
 def _finished_indices(shard_dir: str, num_samples: int) -> np.ndarray:
