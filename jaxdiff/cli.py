@@ -74,6 +74,8 @@ def main(argv, *, job: str):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value.")
   _configure_logging()
+  from jaxdiff import xla_flags
+  xla_flags.add_cpu_defaults()  # before JAX starts a backend
   # Imported here so --help and flag errors do not wait for JAX to load.
   from jaxdiff import likelihood, sampling
   from jaxdiff.train import loop

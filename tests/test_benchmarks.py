@@ -31,3 +31,15 @@ def test_compare_pytorch_tiny(tmp_path):
   assert 'MFU' in rows[4].jax
   text = bench.table({'tiny': rows})
   assert text.count('\n') == len(rows) + 1 and '| tiny | train step (batch 2) |' in text
+
+
+def test_table_ratios_against_eager_and_the_best_pytorch_variant():
+  path = os.path.join(REPO, 'benchmarks', 'compare_pytorch.py')
+  spec = importlib.util.spec_from_file_location('compare_pytorch_table', path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rows = [bench.Result('train step', 's', 2.0, 4.0, 1.0), bench.Result('train images/s', 'img/s', 3.0, 1.0, 6.0),
+          bench.Result('DDIM', 's', 1.0, 2.0)]
+  lines = bench.table({'net': rows}).splitlines()[2:]
+  assert lines[0].endswith('| 0.50 | 2.00 |') and lines[1].endswith('| 3.00 | 0.50 |')
+  assert lines[2].endswith('| 0.50 | 0.50 |')

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from jaxdiff import xla_flags
 from jaxdiff.errors import UserError
 from jaxdiff.evaluation import features as features_lib
 from jaxdiff.evaluation import inception
@@ -79,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
   args = parser().parse_args(argv)
+  xla_flags.add_cpu_defaults()  # before JAX starts a backend
   try:
     summary = args.run(args)
   except UserError as e:

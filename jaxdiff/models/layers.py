@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import attention
+
 Dtype = Any
 
 # torch pads a stride-2 3x3 conv by 1 on both sides; DDPM's TF 'SAME' (and diffusers' padding=0) pads only after.
@@ -35,15 +37,78 @@ def timestep_embedding(t, dim, *, flip_sin_to_cos, freq_shift, max_period=10000)
   return emb
 
 
+def _group_mean(per_channel, groups: int, count: int):
+  """[B, C] per-channel sums -> each channel's group mean, [B, C]."""
+  b, c = per_channel.shape
+  sums = jnp.sum(per_channel.reshape(b, groups, c // groups), axis=-1, keepdims=True)
+  return jnp.broadcast_to(sums / count, (b, groups, c // groups)).reshape(b, c)
+
+
+def _spatial(v, ndim: int):
+  """[B, C] -> [B, 1, ..., 1, C], to broadcast against a channels-last activation."""
+  return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[1])
+
+
+def _group_norm_forward(x, scale, bias, groups, eps):
+  # Per-channel sums over the spatial axes first, then over each group's channels on the small [B, C] array:
+  # reducing along a [B, HW, G, C/G] view leaves XLA (on CPU, 4x slower here) with a short minor axis.
+  spatial, count = tuple(range(1, x.ndim - 1)), x.size // (x.shape[0] * groups)
+  mean = _group_mean(jnp.sum(x, axis=spatial), groups, count)
+  centered = x - _spatial(mean, x.ndim)
+  var = _group_mean(jnp.sum(jnp.square(centered), axis=spatial), groups, count)  # two-pass, as PyTorch
+  rstd = jax.lax.rsqrt(var + eps)
+  return centered * _spatial(rstd * scale, x.ndim) + bias, (x, scale, mean, rstd)
+
+
+def _group_norm_backward(groups, eps, residuals, dy):
+  del eps
+  x, scale, mean, rstd = residuals
+  spatial, count = tuple(range(1, x.ndim - 1)), x.size // (x.shape[0] * groups)
+  normed = (x - _spatial(mean, x.ndim)) * _spatial(rstd, x.ndim)
+  dy_sum, dy_normed_sum = jnp.sum(dy, axis=spatial), jnp.sum(dy * normed, axis=spatial)  # [B, C], one pass
+  # d(normed) = dy * scale; dx = rstd * (d(normed) - mean_g(d(normed)) - normed * mean_g(d(normed) * normed)).
+  dx = _spatial(rstd, x.ndim) * (dy * scale - _spatial(_group_mean(dy_sum * scale, groups, count), x.ndim)
+                                 - normed * _spatial(_group_mean(dy_normed_sum * scale, groups, count), x.ndim))
+  return dx, jnp.sum(dy_normed_sum, axis=0), jnp.sum(dy_sum, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_fp32(x, scale, bias, groups: int, eps: float):
+  """GroupNorm of a channels-last float32 array [B, ..., C] with a hand-written backward pass.
+
+  Autodiff of the forward re-reads the activation in five separate reductions; this backward reads it in one pass
+  for the two per-channel sums it needs and one elementwise pass for dx.
+  """
+  return _group_norm_forward(x, scale, bias, groups, eps)[0]
+
+
+group_norm_fp32.defvjp(_group_norm_forward, _group_norm_backward)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over channels-last inputs, computed in float32; parameters `scale` and `bias` as nn.GroupNorm."""
+  groups: int
+  eps: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    if channels % self.groups:
+      raise ValueError(f'GroupNorm: {channels} channels do not split into {self.groups} groups')
+    scale = self.param('scale', nn.initializers.ones, (channels,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), self.param_dtype)
+    return group_norm_fp32(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                           self.groups, self.eps)
+
+
 def group_norm(x, *, groups, eps, param_dtype, name):
   """GroupNorm in float32 whatever the compute dtype (bf16 statistics are too coarse).
 
   The float32 result feeds the elementwise ops up to the next conv or dense layer, which casts it to the compute
   dtype once: rounding after every op costs bf16 networks several times the error.
   """
-  norm = nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)  # two-pass variance, as PyTorch computes it
-  return norm(x.astype(jnp.float32))
+  return GroupNorm(groups=groups, eps=eps, param_dtype=param_dtype, name=name)(x)
 
 
 # Convolutions and matmuls read compute-dtype (bf16) operands but write their float32 accumulator, as GPUs
@@ -188,11 +253,8 @@ class AttentionBlock(nn.Module):
       q, k, v = jnp.moveaxis(qkv.reshape(b, -1, heads, 3, d), 3, 0)
     else:
       q, k, v = jnp.moveaxis(qkv.reshape(b, -1, 3, heads, d), 2, 0)
-    # q and k scaled by d**-1/4 each, as ADM does; logits accumulate and stay in float32 (bf16 logits of size ~10
-    # are off by ~0.04, which moves the softmax weights by percents).
-    scale = d ** -0.25
-    logits = jnp.einsum('bthd,bshd->bhts', q * scale, k * scale, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    h = jnp.einsum('bhts,bshd->bthd', weights, v).reshape(b, height, width, c)
+    # Logits accumulate and stay in float32 (bf16 logits of size ~10 are off by ~0.04, which moves the softmax
+    # weights by percents).
+    h = attention.dot_product_attention(q, k, v).reshape(b, height, width, c)
     h = dense(c, name='proj_out', zero_init=True, **kw)(h)
     return (x.astype(jnp.float32) + h) / self.output_scale  # float32 residual stream, as in ResBlock
