@@ -51,10 +51,7 @@ def _forward(q, k, v, block):
     out = jnp.einsum('bhts,bshd->bthd', (unnormalised / total).astype(v.dtype), v)
     return out, (peak + jnp.log(total))[..., 0]
 
-  if q.shape[1] == block:  # one block: no loop, which also keeps small models quick to compile
-    out, log_sum_exp = jax.tree.map(lambda a: a[None], one_block(q))
-  else:
-    out, log_sum_exp = jax.lax.map(one_block, _split(q, block))
+  out, log_sum_exp = jax.lax.map(one_block, _split(q, block))
   out = _merge(out)
   return out, (q, k, v, out, log_sum_exp)
 
@@ -80,12 +77,7 @@ def _backward(block, residuals, d_out):
     return (dk, dv), dq
 
   zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  blocks = (_split(q, block), _split(d_out, block), log_sum_exp, row_dot)
-  if q.shape[1] == block:
-    (dk, dv), dq = one_block(zeros, jax.tree.map(lambda a: a[0], blocks))
-    dq = dq[None]
-  else:
-    (dk, dv), dq = jax.lax.scan(one_block, zeros, blocks)
+  (dk, dv), dq = jax.lax.scan(one_block, zeros, (_split(q, block), _split(d_out, block), log_sum_exp, row_dot))
   return _merge(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
