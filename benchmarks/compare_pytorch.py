@@ -27,6 +27,7 @@ from configs import default  # pylint: disable=wrong-import-position
 from jaxdiff import convert, sampling, xla_flags  # pylint: disable=wrong-import-position
 from jaxdiff.train import experiment as experiment_lib  # pylint: disable=wrong-import-position
 from jaxdiff.train import loop  # pylint: disable=wrong-import-position
+from jaxdiff.train import mesh as mesh_lib  # pylint: disable=wrong-import-position
 from jaxdiff.train.state import create_state  # pylint: disable=wrong-import-position
 
 # UNet2DModel arguments. DDPM CIFAR-10 is the paper network (35.7M). ADM ImageNet-64 has guided-diffusion's widths,
@@ -142,7 +143,8 @@ def jaxdiff_config(converted: convert.Converted, s: Settings):
   config.data.image_size, config.data.channels = converted.image_size, converted.in_channels
   config.train.batch_size = s.batch
   config.train.warmup_steps = 1
-  config.sample.batch_size = config.sample.num_samples = s.sample_batch
+  config.sample.num_samples = s.sample_batch
+  config.sample.per_device_batch_size = s.sample_batch // jax.device_count()
   return config
 
 
@@ -163,8 +165,8 @@ def jax_train(config, params, s: Settings) -> dict:
   compile_s = time.perf_counter() - start
   # Measured from before the state is placed (torch: before it moves the model and creates the optimizer).
   with peak_memory('jax') as mem:
-    holder = [jax.device_put(create_state(params, exp.tx, num_timesteps=exp.diffusion.num_timesteps),
-                             exp.state_sharding)]
+    state = create_state(params, exp.tx, num_timesteps=exp.diffusion.num_timesteps)
+    holder = [mesh_lib.host_to_mesh(state, exp.state_sharding, process_local=False)]
 
     def step():
       holder[0], metrics = compiled(holder[0], batch)
@@ -227,17 +229,14 @@ def jax_sample(config, params, sampler: str, steps: int, reps: int) -> dict:
   config.sample.sampler = sampler
   config.sample.timestep_respacing = f'ddim{steps}' if sampler == 'ddim' else str(steps)
   exp = experiment_lib.build(config)
-  params = jax.device_put(params, exp.state_sharding.params)
-  n = config.sample.batch_size
-  keys = jax.device_put(sampling.sample_keys(0, np.arange(n)), exp.batch_sharding)
-  labels = sampling.class_labels(np.arange(n), exp.num_classes)
-  labels = None if labels is None else jax.device_put(labels, exp.batch_sharding)
+  params = mesh_lib.host_to_mesh(params, exp.state_sharding.params, process_local=False)
   fn = sampling.make_sample_fn(exp, clip_denoised=True)
+  args = fn.device_args(params, 0, np.arange(config.sample.per_device_batch_size * jax.device_count()))
   start = time.perf_counter()
-  compiled = fn.func.lower(fn.args[0], params, keys, labels).compile()
+  compiled = fn.jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
   with peak_memory('jax') as mem:
-    seconds = median_time(lambda: compiled(fn.args[0], params, keys, labels), reps, jax.block_until_ready)
+    seconds = median_time(lambda: compiled(*args), reps, jax.block_until_ready)
   return dict(seconds=seconds, compile_s=compile_s, bytes=mem['bytes'])
 
 

@@ -44,6 +44,7 @@ def apply_adm(config, *, image_size, channels, channel_mult, num_res_blocks, num
   config.diffusion.num_timesteps = 1000
   config.diffusion.schedule = schedule
   config.diffusion.var_type = "learned_range"
+  config.diffusion.loss = "hybrid"  # learned sigma is trained by the VLB term (guided-diffusion's rescaled MSE)
   config.train.ema_decay = 0.9999
   return config
 

@@ -69,4 +69,4 @@ def apply_smoke(config):
   config.train.sample_every = 0
   config.train.num_grid_samples = 4
   config.sample.num_samples = 4
-  config.sample.batch_size = 4
+  config.sample.per_device_batch_size = 4

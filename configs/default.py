@@ -82,7 +82,7 @@ def get_config():
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64
-  sample.batch_size = 64
+  sample.per_device_batch_size = 64  # images per device per call: a device count never changes an image's bits
   sample.clip_denoised = True
   sample.use_ema = True
   sample.seed = 0

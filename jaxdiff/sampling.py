@@ -1,20 +1,45 @@
-"""Sampling: a jitted scan sampler over the mesh, PNG grids, and `.npz` files in the guided-diffusion format."""
+"""Sampling: a jitted scan sampler over the mesh, PNG grids, and `.npz` files in the guided-diffusion format.
+
+A sampling job is resumable: it writes numbered shards, and a rerun draws only the indices no shard holds. The job's
+folder is named by its identity, every setting that can change an image (including a fingerprint of the weights),
+so a job never reuses another setting's shards. Every device runs the same compiled program on
+`sample.per_device_batch_size` images, so an image is bitwise the same whatever the number of devices or processes.
+"""
 
 import functools
 import glob
+import hashlib
+import json
+import logging
 import math
 import os
+import shutil
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from jaxdiff import weights
 from jaxdiff.diffusion import create_diffusion, get_sampler
+from jaxdiff.errors import UserError
 from jaxdiff.progress import progress_bar
 from jaxdiff.train import experiment as experiment_lib
+from jaxdiff.train import mesh as mesh_lib
+
+SHARD_PATTERN = "shard_*.npz"
+# Temporary files start with a dot: no reader's pattern matches them.
+_PARTIAL_PREFIX = ".partial-"
+
+# Config entries that cannot change an image: how many are drawn and how they are batched and laid out, what only
+# training reads (the weights' fingerprint stands for the run that made them), and where the weights were read from.
+NOT_IN_JOB_IDENTITY = ("seed", "mesh", "distributed", "train", "likelihood", "data.name", "data.data_dir",
+                       "data.image_dir", "data.split", "data.random_flip", "model.init_from",
+                       "sample.per_device_batch_size", "sample.num_samples")
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -22,41 +47,66 @@ def to_uint8(images: jax.Array) -> jax.Array:
   return jnp.clip((images + 1) * 127.5 + 0.5, 0, 255).astype(jnp.uint8)
 
 
-def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool):
-  """jit(params, keys [B], labels [B] | None) -> uint8 images [B, H, W, C], batch sharded over the mesh.
-
-  Uses the sampler, respacing and eta of `config.sample`.
-  """
-  s = exp.config.sample
-  sampler = get_sampler(s.sampler, eta=s.eta)
-  diffusion = create_diffusion(exp.config.diffusion, s.timestep_respacing)
-
-  def sample(diffusion, params, keys, labels):
-    def denoise(x, t):
-      return exp.model.apply({"params": params}, x, t, labels, train=False)
-    return to_uint8(sampler(diffusion, denoise, keys, exp.sample_shape, clip_denoised=clip_denoised))
-
-  # The process is an argument, not a constant folded into the program.
-  return functools.partial(jax.jit(sample, out_shardings=exp.batch_sharding), diffusion)
-
-
-def sample_keys(seed: int, indices: np.ndarray) -> jax.Array:
+def sample_keys(seed, indices: jax.Array) -> jax.Array:
   """One key per global sample index, so a sample is the same whatever batch or device drew it."""
-  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.asarray(indices, jnp.uint32))
+  return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), indices.astype(jnp.uint32))
 
 
-def class_labels(indices: np.ndarray, num_classes: int) -> np.ndarray | None:
-  """Labels cycling through the classes, so a grid shows every class in order."""
+def class_labels(indices, num_classes: int):
+  """Labels cycling through the classes, so a grid shows every class in order; None when unconditional."""
   return (indices % num_classes).astype(np.int32) if num_classes else None
 
 
+class SampleFn:
+  """(params, seed, indices: uint32 [B] host array) -> uint8 images [B, H, W, C] as a global array.
+
+  B must be a multiple of the device count. `jitted` and `device_args` expose the program for benchmarks.
+  """
+
+  def __init__(self, exp: experiment_lib.Experiment, *, clip_denoised: bool):
+    s = exp.config.sample
+    sampler = get_sampler(s.sampler, eta=s.eta)
+    self._replicated = NamedSharding(exp.mesh, P())
+    self._batch_sharding = exp.batch_sharding
+    # The process is an argument, not a constant folded into the program.
+    self._diffusion = mesh_lib.host_to_mesh(create_diffusion(exp.config.diffusion, s.timestep_respacing),
+                                            self._replicated, process_local=False)
+
+    def sample(diffusion, params, seed, indices):
+      labels = class_labels(indices, exp.num_classes)
+
+      def denoise(x, t):
+        return exp.model.apply({"params": params}, x, t, labels, train=False)
+      images = sampler(diffusion, denoise, sample_keys(seed, indices), exp.sample_shape,
+                       clip_denoised=clip_denoised)
+      return to_uint8(images)
+
+    self.jitted = jax.jit(sample, out_shardings=exp.batch_sharding)
+
+  def device_args(self, params, seed: int, indices: np.ndarray) -> tuple:
+    return (self._diffusion, params,
+            mesh_lib.host_to_mesh(np.uint32(seed), self._replicated, process_local=False),
+            mesh_lib.host_to_mesh(np.asarray(indices, np.uint32), self._batch_sharding, process_local=False))
+
+  def __call__(self, params, seed: int, indices: np.ndarray) -> jax.Array:
+    return self.jitted(*self.device_args(params, seed, indices))
+
+
+def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool) -> SampleFn:
+  """The sampler, respacing and eta of `config.sample` as one jitted program over the mesh."""
+  return SampleFn(exp, clip_denoised=clip_denoised)
+
+
 def draw_indices(exp, sample_fn, params, *, seed: int, indices: np.ndarray):
-  """Images and labels of the given global sample indices, gathered on every process."""
-  keys = jax.device_put(sample_keys(seed, indices), exp.batch_sharding)
-  labels = class_labels(indices, exp.num_classes)
-  device_labels = None if labels is None else jax.device_put(labels, exp.batch_sharding)
-  images = multihost_utils.process_allgather(sample_fn(params, keys, device_labels), tiled=True)
-  return np.asarray(images), labels
+  """Images (on every process) and labels of the given global sample indices; len(indices) is a multiple of the
+  device count."""
+  images = multihost_utils.process_allgather(sample_fn(params, seed, indices), tiled=True)
+  return np.asarray(images), class_labels(np.asarray(indices), exp.num_classes)
+
+
+def pad_to(indices: np.ndarray, size: int) -> np.ndarray:
+  """`indices` padded to `size` by repeating the last one (padded samples are drawn and dropped)."""
+  return np.concatenate([indices, np.full(size - len(indices), indices[-1], indices.dtype)])
 
 
 def save_grid(images: np.ndarray, path: str, *, scale: int = 0) -> str:
@@ -81,72 +131,156 @@ def save_grid(images: np.ndarray, path: str, *, scale: int = 0) -> str:
 def save_npz(path: str, **arrays) -> str:
   """Writes named arrays atomically (a reader never sees a partial file): `arr_0` = uint8 [N, H, W, C] images and
   `arr_1` = labels is the guided-diffusion evaluation format."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
+  directory, name = os.path.split(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f"{_PARTIAL_PREFIX}{os.getpid()}-{name}")
+  with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+    np.savez(f, **arrays)
   os.replace(tmp, path)
   return path
 
 
-def job_name(config, step: int) -> str:
-  """Names the settings that decide the samples, so shards of different settings never mix."""
-  s = config.sample
-  source = "pytorch" if config.model.init_from else f"step{step}"
-  steps = f"_{s.timestep_respacing}" if s.timestep_respacing else ""
-  ema = "ema" if s.use_ema else "raw"
-  return f"{source}_{ema}_{s.sampler}{steps}_seed{s.seed}"
+def params_fingerprint(params) -> str:
+  """A 64-bit digest of the parameter values (and their paths, shapes and dtypes), computed on the devices.
+
+  Integer sums wrap exactly in any order, so the digest does not depend on how the parameters are sharded.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  layout = ";".join(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype}" for path, leaf in leaves)
+
+  @jax.jit
+  def digest(values):
+    total = jnp.zeros((2,), jnp.uint32)
+    for i, value in enumerate(values):
+      bits = jax.lax.bitcast_convert_type(value, jnp.dtype(f"uint{value.dtype.itemsize * 8}")).astype(jnp.uint32)
+      position = jnp.arange(bits.size, dtype=jnp.uint32) + jnp.uint32(i * 0x9E3779B1 & 0xFFFFFFFF)
+      # Two odd multipliers per position: a changed, moved or swapped value changes both sums.
+      total += jnp.stack([jnp.sum(bits.ravel() * (position * jnp.uint32(0x85EBCA6B) | 1)),
+                          jnp.sum((bits.ravel() ^ jnp.uint32(0x5BD1E995)) * (position * jnp.uint32(0xC2B2AE35) | 1))])
+    return total
+
+  sums = np.asarray(digest([leaf for _, leaf in leaves]))
+  return hashlib.sha256(f"{layout}|{sums[0]}|{sums[1]}".encode()).hexdigest()[:16]
 
 
-def _finished_indices(shard_dir: str, num_samples: int) -> np.ndarray:
-  """A [num_samples] mask of the sample indices already in finished shards (as process 0 sees them)."""
+def job_identity(config, *, step: int, fingerprint: str) -> dict:
+  """Everything that decides a job's images: the config minus NOT_IN_JOB_IDENTITY, and the weights."""
+  settings = json.loads(config.to_json_best_effort())
+  for key in NOT_IN_JOB_IDENTITY:
+    *parents, last = key.split(".")
+    section = settings
+    for part in parents:
+      section = section.get(part, {})
+    section.pop(last, None)
+  source = "pytorch" if config.model.init_from else "checkpoint"
+  return {"settings": settings, "weights": {"source": source, "step": step, "fingerprint": fingerprint}}
+
+
+def job_name(identity: dict) -> str:
+  """A readable folder name of the main settings, then a digest of the whole identity."""
+  s, w = identity["settings"]["sample"], identity["weights"]
+  source = "pytorch" if w["source"] == "pytorch" else f"step{w['step']}"
+  steps = f"_{s['timestep_respacing']}" if s["timestep_respacing"] else ""
+  ema = "ema" if s["use_ema"] else "raw"
+  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+  return f"{source}_{ema}_{s['sampler']}{steps}_seed{s['seed']}_{digest}"
+
+
+def _check_job_file(job_dir: str, identity: dict):
+  """Writes `job.json` (the identity in full) beside the shards, or checks that the one there is the same."""
+  path = os.path.join(job_dir, "job.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        saved = json.load(f)
+      except ValueError:
+        saved = None
+    if saved is not None and saved != identity:
+      raise UserError(f"{path} describes other settings than this job's: move {job_dir} aside and rerun.")
+    if saved is not None:
+      return
+  os.makedirs(job_dir, exist_ok=True)
+  tmp = os.path.join(job_dir, f"{_PARTIAL_PREFIX}{os.getpid()}-job.json")
+  with open(tmp, "w") as f:
+    json.dump(identity, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_shard(path: str, num_samples: int, image_shape: tuple[int, ...]):
+  """(indices, images, labels | None) of a shard, or None when it is damaged (then it is moved aside)."""
+  try:
+    with np.load(path, allow_pickle=False) as shard:
+      indices, images = shard["indices"], shard["arr_0"]
+      labels = shard["arr_1"] if "arr_1" in shard.files else None
+    if (indices.ndim != 1 or images.shape != (len(indices), *image_shape) or images.dtype != np.uint8
+        or (labels is not None and labels.shape != indices.shape)):
+      raise ValueError(f"arrays of unexpected shapes: indices {indices.shape}, images {images.shape}")
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    aside = os.path.join(os.path.dirname(os.path.dirname(path)), "shards_unreadable")
+    os.makedirs(aside, exist_ok=True)
+    shutil.move(path, os.path.join(aside, f"{os.path.basename(path)}-{int(time.time())}"))
+    logging.warning("Shard %s is unreadable (%s: %s); moved it to %s, and its samples are drawn again.", path,
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", aside)
+    return None
+  keep = (indices >= 0) & (indices < num_samples)
+  return indices[keep], images[keep], None if labels is None else labels[keep]
+
+
+def _finished_indices(shard_dir: str, num_samples: int, image_shape) -> np.ndarray:
+  """A [num_samples] mask of the indices already in readable shards, as process 0 sees them, on every process."""
   done = np.zeros(num_samples, bool)
   if jax.process_index() == 0:
-    for path in glob.glob(os.path.join(shard_dir, "shard_*.npz")):
-      with np.load(path) as shard:
-        indices = shard["indices"]
-      done[indices[indices < num_samples]] = True
+    for path in glob.glob(os.path.join(shard_dir, f"{_PARTIAL_PREFIX}*")):
+      os.remove(path)  # left by a killed writer; only process 0 writes here
+    for path in sorted(glob.glob(os.path.join(shard_dir, SHARD_PATTERN))):
+      shard = _read_shard(path, num_samples, image_shape)
+      if shard is not None:
+        done[shard[0]] = True
   return np.asarray(multihost_utils.broadcast_one_to_all(done))
 
 
-def _assemble(shard_dir: str, num_samples: int):
+def _assemble(shard_dir: str, num_samples: int, image_shape):
   """All finished shards as one array in global index order (each index once)."""
-  images, labels = None, None
-  for path in sorted(glob.glob(os.path.join(shard_dir, "shard_*.npz"))):
-    with np.load(path) as shard:
-      keep = shard["indices"] < num_samples
-      idx = shard["indices"][keep]
-      if images is None:
-        images = np.zeros((num_samples, *shard["arr_0"].shape[1:]), np.uint8)
-        labels = np.zeros(num_samples, np.int32) if "arr_1" in shard else None
-      images[idx] = shard["arr_0"][keep]
-      if labels is not None:
-        labels[idx] = shard["arr_1"][keep]
+  images = np.zeros((num_samples, *image_shape), np.uint8)
+  labels = None
+  for path in sorted(glob.glob(os.path.join(shard_dir, SHARD_PATTERN))):
+    shard = _read_shard(path, num_samples, image_shape)
+    if shard is None:
+      raise UserError(f"shard {path} became unreadable while the job ran: rerun the same command to redraw it.")
+    indices, shard_images, shard_labels = shard
+    images[indices] = shard_images
+    if shard_labels is not None:
+      labels = np.zeros(num_samples, np.int32) if labels is None else labels
+      labels[indices] = shard_labels
   return images, labels
 
 
 def run(config, workdir: str) -> dict:
   """Writes `sample.num_samples` images of the workdir's newest checkpoint as numbered .npz shards, then one .npz.
 
-  Sample i comes from the key fold_in(sample.seed, i), so the result does not depend on the batch size or the number
-  of devices or processes. Shards are written atomically and a rerun skips the samples they hold: a killed job,
-  rerun, ends with the same N samples as an uninterrupted one.
+  Sample i comes from the key fold_in(sample.seed, i) and every device computes `sample.per_device_batch_size`
+  images with the same program, so the result does not depend on the number of devices or processes. Shards are
+  written atomically by process 0 and a rerun skips the samples they hold: a killed job, rerun with any number of
+  processes, ends with the same N samples as an uninterrupted one.
   """
   exp = experiment_lib.build(config)
-  params, step = exp.restore_params(workdir, use_ema=config.sample.use_ema)
+  params, step = weights.load(exp, workdir, use_ema=config.sample.use_ema)
   s = config.sample
-  job_dir = os.path.join(workdir, "samples", job_name(config, step))
+  identity = job_identity(config, step=step, fingerprint=params_fingerprint(params))
+  job_dir = os.path.join(workdir, "samples", job_name(identity))
   shard_dir = os.path.join(job_dir, "shards")
-  todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples))
   is_main = jax.process_index() == 0
+  if is_main:
+    _check_job_file(job_dir, identity)
+  todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples, exp.sample_shape))
   sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised)
+  global_batch = s.per_device_batch_size * jax.device_count()
   start_time = time.time()
   with progress_bar(total=s.num_samples, initial=s.num_samples - len(todo), desc="sampling", unit="img",
-            disable=not is_main) as bar:
-    for first in range(0, len(todo), s.batch_size):
-      chunk = todo[first:first + s.batch_size]
-      # Padding keeps one compiled shape; the padded samples are drawn and dropped.
-      padded = np.concatenate([chunk, np.full(s.batch_size - len(chunk), chunk[-1])])
-      images, labels = draw_indices(exp, sample_fn, params, seed=s.seed, indices=padded)
+                    disable=not is_main) as bar:
+    for first in range(0, len(todo), global_batch):
+      chunk = todo[first:first + global_batch]
+      images, labels = draw_indices(exp, sample_fn, params, seed=s.seed, indices=pad_to(chunk, global_batch))
       if is_main:
         arrays = dict(arr_0=images[:len(chunk)], indices=chunk)
         if labels is not None:
@@ -154,12 +288,14 @@ def run(config, workdir: str) -> dict:
         save_npz(os.path.join(shard_dir, f"shard_{chunk[0]:08d}.npz"), **arrays)
       bar.update(len(chunk))
   seconds = time.time() - start_time
-  summary = {"step": step, "num_samples": s.num_samples, "sampled_now": len(todo), "seconds": seconds,
-             "images_per_second": len(todo) / seconds if seconds else 0.0}
+  summary = {"step": step, "job": job_dir, "num_samples": s.num_samples, "sampled_now": len(todo),
+             "seconds": seconds, "images_per_second": len(todo) / seconds if seconds else 0.0}
   if is_main:
-    images, labels = _assemble(shard_dir, s.num_samples)
+    images, labels = _assemble(shard_dir, s.num_samples, exp.sample_shape)
     n, h, w, c = images.shape
     summary["grid"] = save_grid(images[:256], os.path.join(job_dir, f"grid_{n}x{h}x{w}x{c}.png"))
     summary["npz"] = save_npz(os.path.join(job_dir, f"samples_{n}x{h}x{w}x{c}.npz"),
                               **({"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}))
+  # Other processes must not exit (and tear down the distributed runtime) while process 0 writes.
+  mesh_lib.barrier("jaxdiff_sampling_done")
   return summary

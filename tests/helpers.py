@@ -34,10 +34,31 @@ def tree_digest(directory):
   return h.hexdigest()
 
 
-def restore_state(config, workdir):
+def restore_state(config, workdir, step=None):
+  """The newest checkpoint of a workdir, or the given step."""
   exp = experiment_lib.build(config)
   checkpointer = exp.checkpointer(workdir)
   try:
-    return checkpointer.restore(exp.abstract_state_with_sharding())
+    if step is None:
+      return checkpointer.restore(exp.abstract_state_with_sharding())
+    import orbax.checkpoint as ocp
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(exp.abstract_state_with_sharding()))
+    return checkpointer.manager.restore(step, args=args)["state"]
   finally:
     checkpointer.close()
+
+
+def parse_config(args):
+  """The config a CLI builds from `--config=configs/...` and `--config.x.y=value` flags (paths from the repo)."""
+  from absl import flags
+  from ml_collections import config_flags
+  holder = flags.FlagValues()
+  argv = ["jaxdiff", *args]
+  config_flags.DEFINE_config_file("config", None, flag_values=holder, sys_argv=argv)
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    holder(argv)
+    return holder.config.copy_and_resolve_references()
+  finally:
+    os.chdir(cwd)

@@ -1,6 +1,6 @@
 """Runs a few training steps under a given device layout and writes the resulting params; used by test_scale.py.
 
-  python tests/scale_worker.py OUT.npz --devices 4 --data -1 --fsdp 2 [--process-id I --num-processes P --port N]
+  python tests/scale_worker.py OUT.npz --devices 4 --data -1 --fsdp 2
 """
 
 import argparse
@@ -18,28 +18,19 @@ def main():
   parser.add_argument("--fsdp", type=int, default=1)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--tfds-dir", required=True)
-  parser.add_argument("--process-id", type=int)
-  parser.add_argument("--num-processes", type=int)
-  parser.add_argument("--port", type=int)
   args = parser.parse_args()
 
   import jax
   jax.config.update("jax_num_cpu_devices", args.devices)
   import numpy as np
   from configs import ddpm_mnist
-  from jaxdiff.train import experiment, loop, mesh
+  from jaxdiff.train import experiment, loop
 
   config = ddpm_mnist.get_config("smoke")
   config.data.data_dir = args.tfds_dir
   config.mesh.data, config.mesh.fsdp = args.data, args.fsdp
   config.model.base_channels = 32  # wide enough for fsdp to split real leaves
   config.model.norm_groups = 8
-  if args.num_processes:
-    config.distributed.coordinator_address = f"127.0.0.1:{args.port}"
-    config.distributed.num_processes = args.num_processes
-    config.distributed.process_id = args.process_id
-    config.distributed.timeout_seconds = 60
-  mesh.initialize_distributed(config.distributed)
 
   exp = experiment.build(config)
   state = exp.init_state(jax.random.fold_in(jax.random.key(config.seed), 0))
@@ -50,10 +41,8 @@ def main():
     jax.block_until_ready(metrics)  # one step in flight at a time, as the training loop does
   assert step_fn._cache_size() == 1, f"the train step compiled {step_fn._cache_size()} times"
   sharded = [leaf for leaf in jax.tree.leaves(state.params) if not leaf.sharding.is_fully_replicated]
-  from jax.experimental import multihost_utils
-  leaves = [np.asarray(multihost_utils.process_allgather(leaf, tiled=True)) for leaf in jax.tree.leaves(state.params)]
-  if jax.process_index() == 0:
-    np.savez(args.out, *leaves, num_sharded=len(sharded), loss=float(metrics["loss"]))
+  leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+  np.savez(args.out, *leaves, num_sharded=len(sharded), loss=float(metrics["loss"]))
 
 
 if __name__ == "__main__":

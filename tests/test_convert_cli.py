@@ -13,7 +13,7 @@ from helpers import REPO
 from test_convert import FIXTURES, WEIGHTS, fixture_script
 
 # Smoke sampling: 2 samples in one batch, 10 steps (given to the converter too: it fixes the saved state's shapes).
-SAMPLE = ['--config.sample.num_samples=2', '--config.sample.batch_size=2']
+SAMPLE = ['--config.sample.num_samples=2', '--config.sample.per_device_batch_size=2']
 STEPS = '--config.diffusion.num_timesteps=10'
 # A diffusers UNet2DModel matching configs/ddpm_cifar10.py:smoke (16/32 channels, attention at 16x16, 8 groups).
 DIFFUSERS_SMOKE = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32),
@@ -84,3 +84,15 @@ def test_diffusers_folder(tmp_path):
   assert set(restored) == {'arr_0'} and restored['arr_0'].shape == (2, 32, 32, 3)
   assert restored['arr_0'].std() > 0
   np.testing.assert_array_equal(restored['arr_0'], direct['arr_0'])
+
+
+def test_convert_refuses_a_workdir_with_checkpoints(tmp_path):
+  from test_convert import WEIGHTS  # pylint: disable=import-outside-toplevel
+  args = ['-m', 'jaxdiff.convert', f'--from={WEIGHTS}', f'--workdir={tmp_path}', *guided_config_args()]
+  run(*args)
+  before = sorted(os.listdir(tmp_path / 'checkpoints' / '0'))
+  again = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 1 and 'Traceback' not in again.stderr
+  errors = [line for line in again.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'already holds checkpoints (steps [0])' in errors[0] and 'new --workdir' in errors[0]
+  assert sorted(os.listdir(tmp_path / 'checkpoints' / '0')) == before

@@ -1,17 +1,16 @@
-"""Sharded and multi-process training and sampling match a single device (CPU, fake devices and local processes)."""
+"""Sharded training steps match a single device (fake CPU devices); gradient accumulation and bf16 compute.
+
+The multi-process jobs are tested through their CLIs in test_multiprocess.py.
+"""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from helpers import REPO, smoke_config
-from jaxdiff import sampling
 from jaxdiff.train import loop
 
 WORKER = os.path.join(REPO, "tests", "scale_worker.py")
@@ -55,82 +54,6 @@ def test_sharded_step_matches_single_device(tfds_dir, tmp_path, single_device, d
   params, num_sharded = _params(out)
   assert (num_sharded > 0) == (fsdp > 1)  # fsdp really splits parameters
   _assert_close(params, single_device[0])
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_single_process(tfds_dir, tmp_path, single_device):
-  port = str(_free_port())
-  out = tmp_path / "params.npz"
-  processes = [_worker(out, tfds_dir, "--devices", "1", "--process-id", str(i), "--num-processes", "2",
-                       "--port", port) for i in range(2)]
-  for process in processes:
-    _finish(process)
-  _assert_close(_params(out)[0], single_device[0])
-
-
-@pytest.fixture(scope="module")
-def trained(tfds_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  config = smoke_config(tfds_dir, **{"train.num_steps": 2, "sample.num_samples": 10, "sample.batch_size": 4})
-  loop.run(config, str(workdir))
-  return config, workdir
-
-
-def _samples(path):
-  with np.load(path) as f:
-    return f["arr_0"]
-
-
-def test_samples_do_not_depend_on_batch_size(trained):
-  config, workdir = trained
-  reference = _samples(sampling.run(config, str(workdir))["npz"])
-  assert reference.shape[0] == 10
-  config = config.copy_and_resolve_references()
-  config.sample.batch_size = 2
-  config.sample.seed = config.sample.seed  # same job: shards are reused only when the settings match
-  other_dir = workdir / "batch2"
-  os.makedirs(other_dir / "checkpoints", exist_ok=True)
-  subprocess.run(["cp", "-r", str(workdir / "checkpoints"), str(other_dir)], check=True)
-  again = _samples(sampling.run(config, str(other_dir))["npz"])
-  assert np.abs(again.astype(int) - reference.astype(int)).max() <= 1
-
-
-def test_killed_sampling_job_resumes_without_duplicates(trained, tmp_path):
-  config, workdir = trained
-  config = config.copy_and_resolve_references()
-  config.sample.num_samples = 40
-  reference = _samples(sampling.run(config, str(workdir))["npz"])  # uninterrupted: one device, batch 4
-
-  job = tmp_path / "job"
-  os.makedirs(job)
-  subprocess.run(["cp", "-r", str(workdir / "checkpoints"), str(job)], check=True)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  args = [*TIMEOUT, sys.executable, "sample.py", "--config=configs/ddpm_mnist.py:smoke", f"--workdir={job}",
-          f"--config.data.data_dir={config.data.data_dir}", "--config.sample.num_samples=40",
-          "--config.sample.batch_size=2"]
-  process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-  shard_dir = job / "samples" / sampling.job_name(config, 2) / "shards"
-  while not (shard_dir.exists() and len(os.listdir(shard_dir)) >= 2) and process.poll() is None:
-    time.sleep(0.01)
-  os.killpg(process.pid, signal.SIGKILL)  # the job and its `timeout` wrapper
-  process.communicate()
-  finished = [f for f in os.listdir(shard_dir) if ".tmp" not in f]
-  assert 2 <= len(finished) < 20, finished  # killed mid-job
-
-  rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
-  assert rerun.returncode == 0, rerun.stderr[-3000:]
-  result = _samples(next((job / "samples" / sampling.job_name(config, 2)).glob("samples_*.npz")))
-  assert result.shape == reference.shape  # exactly N
-  assert np.abs(result.astype(int) - reference.astype(int)).max() <= 1
-  shard_indices = np.concatenate([np.load(shard_dir / f)["indices"] for f in os.listdir(shard_dir)
-                                  if ".tmp" not in f])
-  assert sorted(shard_indices) == list(range(40))  # no duplicates, none missing
 
 
 def _one_step(config, batch_size=8):

@@ -8,15 +8,18 @@ A path that is a folder is read as a diffusers model (config.json + diffusion_py
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from jaxdiff import models
 from jaxdiff.convert import common, diffusers, guided_diffusion
 from jaxdiff.errors import CheckpointError
 from jaxdiff.train import experiment as experiment_lib
+from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import create_state
 
 __all__ = ['Converted', 'load_diffusers', 'load_guided_diffusion', 'load_for_model', 'read_state_dict',
@@ -86,11 +89,23 @@ def load_for_model(path: str, model: models.UNet, *, image_size: int, in_channel
 
 def write_checkpoint(path: str, config, workdir: str) -> str:
   """Converts `path` for the model `config` describes and saves it as step 0 of `workdir`'s orbax checkpoints
-  (params and EMA params both the converted weights), which sample.py and train.py then restore."""
+  (params and EMA params both the converted weights), which sample.py and train.py then restore.
+
+  Refuses a workdir that already holds checkpoints: sampling restores the newest step, so converted weights beside
+  later steps would be silently ignored. Every process reads the file and keeps its share of the state.
+  """
   exp = experiment_lib.build(config)
-  params = load_for_model(path, exp.model, image_size=config.data.image_size, in_channels=config.data.channels)
   checkpointer = exp.checkpointer(workdir)
-  checkpointer.check_compatible()
-  checkpointer.save(0, create_state(params, exp.tx, num_timesteps=exp.diffusion.num_timesteps), force=True)
-  checkpointer.close()
+  try:
+    if checkpointer.all_steps() or os.path.isdir(checkpointer.aside_directory):
+      raise CheckpointError(
+          f'{checkpointer.directory} already holds checkpoints (steps {checkpointer.all_steps() or "set aside"}): '
+          'convert into a new --workdir.')
+    params = load_for_model(path, exp.model, image_size=config.data.image_size, in_channels=config.data.channels)
+    params = mesh_lib.host_to_mesh(params, exp.state_sharding.params, process_local=False)
+    state = jax.jit(functools.partial(create_state, tx=exp.tx, num_timesteps=exp.diffusion.num_timesteps),
+                    out_shardings=exp.state_sharding)(params)
+    checkpointer.save(0, state, force=True)
+  finally:
+    checkpointer.close()
   return checkpointer.directory

@@ -5,6 +5,8 @@ the iterator starts at any step without replaying earlier ones and flips are see
 """
 
 import dataclasses
+import fcntl
+import os
 from typing import Any, Iterator
 
 import grain
@@ -54,7 +56,7 @@ def _tfds_source(name, data_dir, split):
       raise DataError(f'dataset {name!r} is not prepared in {where}; prepare it with '
                       f'`tfds build {name} --data_dir {where} --file_format array_record` '
                       'or point --config.data.data_dir at a folder where it is.')
-    builder.download_and_prepare()
+    builder = _prepare_once(name, where)
   try:
     data = builder.as_data_source(split=split)
   except NotImplementedError:
@@ -80,6 +82,21 @@ def _tfds_source(name, data_dir, split):
   else:
     class_names = tuple(label.names)
   return _Source(data, image_key, label_key, DatasetInfo(len(data), len(class_names), class_names))
+
+
+def _prepare_once(name, data_dir):
+  """Prepares a bundled dataset under a file lock: of several processes (or jobs) sharing data_dir, the first
+  prepares it and the others wait, then read what it wrote."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f'.{name}.prepare.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+      if not builder.is_prepared():
+        builder.download_and_prepare()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return builder
 
 
 def _open(name, data_dir, image_dir, split):

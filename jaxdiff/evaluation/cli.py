@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+import jax
+import ml_collections
 import numpy as np
 
 from jaxdiff import xla_flags
@@ -11,6 +13,7 @@ from jaxdiff.errors import UserError
 from jaxdiff.evaluation import features as features_lib
 from jaxdiff.evaluation import inception
 from jaxdiff.evaluation import metrics
+from jaxdiff.train import mesh as mesh_lib
 
 
 def _extractor(args) -> features_lib.FeatureExtractor:
@@ -47,7 +50,9 @@ def stats(args) -> dict:
         data_dir=args.data_dir, image_dir=args.image_dir, split=args.split)
     outputs = _extractor(args)(batches, total=total, desc=args.dataset)
   statistics = metrics.Statistics.of(outputs['pool'])
-  return {'out': statistics.save(args.out), 'num_images': statistics.num_images}
+  if jax.process_index() == 0:  # one writer of the file
+    statistics.save(args.out)
+  return {'out': args.out, 'num_images': statistics.num_images}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument('--image_dir', help='folder of images, with --dataset=image_folder')
   s.add_argument('--split', default='train')
   s.set_defaults(run=stats)
+  for job in (f, s):
+    group = job.add_argument_group('several processes (as in train.py\'s config.distributed)')
+    group.add_argument('--coordinator_address', help='host:port of process 0, for explicit processes')
+    group.add_argument('--num_processes', type=int)
+    group.add_argument('--process_id', type=int)
+    group.add_argument('--distributed_auto', action='store_true',
+                       help='let JAX detect a TPU pod, SLURM or Open MPI job by itself')
   return top
 
 
@@ -82,9 +94,14 @@ def main(argv=None) -> dict:
   args = parser().parse_args(argv)
   xla_flags.add_cpu_defaults()  # before JAX starts a backend
   try:
+    mesh_lib.initialize_distributed(ml_collections.ConfigDict(dict(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id, auto=args.distributed_auto, timeout_seconds=300)))
     summary = args.run(args)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  if jax.process_index() != 0:  # process 0 reports for the whole run
+    return summary
   print(json.dumps(summary, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)))
   return summary

@@ -6,6 +6,7 @@ from typing import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdiff import data as data_lib
@@ -13,24 +14,26 @@ from jaxdiff.errors import DataError, UserError
 from jaxdiff.evaluation import inception
 from jaxdiff.evaluation.metrics import Statistics
 from jaxdiff.progress import progress_bar
+from jaxdiff.train import mesh as mesh_lib
 
 
 class FeatureExtractor:
   """uint8 [0, 255] or float [-1, 1] NHWC images (1 or 3 channels) -> {'pool', 'logits'} as NumPy.
 
-  One jitted program over a 1-D `data` mesh of this process's devices: every batch is padded to
-  `batch_size` (a multiple of the device count), so it compiles once per input dtype and image size.
+  One jitted program over a 1-D `data` mesh of every device of every process: every batch is padded to
+  `batch_size` (a multiple of the device count), so it compiles once per input dtype and image size. Every process
+  passes the same whole batches and gets all outputs back.
   """
 
   def __init__(self, variables: dict, *, batch_size: int = 100, resize_to: int | None = inception.INPUT_SIZE):
-    devices = jax.local_devices()
+    devices = jax.devices()
     if batch_size < 1:
       raise UserError(f'batch_size must be positive, got {batch_size}.')
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
     mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     self.sharding = NamedSharding(mesh, P('data'))
     replicated = NamedSharding(mesh, P())
-    self.variables = jax.device_put(variables, replicated)
+    self.variables = mesh_lib.host_to_mesh(variables, replicated, process_local=False)
     model = inception.InceptionV3(resize_to=resize_to)
 
     def apply(variables, images):
@@ -49,7 +52,8 @@ class FeatureExtractor:
       raise DataError(f'images must be [N <= {self.batch_size}, H, W, 1 or 3], got shape {images.shape}.')
     padded = np.zeros((self.batch_size, *images.shape[1:]), images.dtype)
     padded[:len(images)] = images
-    return self._apply(self.variables, jax.device_put(padded, self.sharding)), len(images)
+    padded = mesh_lib.host_to_mesh(padded, self.sharding, process_local=False)
+    return self._apply(self.variables, padded), len(images)
 
   def __call__(self, batches: Iterable[np.ndarray], *, total: int | None = None,
                desc: str = 'inception') -> dict[str, np.ndarray]:
@@ -58,12 +62,12 @@ class FeatureExtractor:
 
     def finish(pending):
       result, n = pending
-      for key, value in jax.device_get(result).items():
+      for key, value in multihost_utils.process_allgather(result, tiled=True).items():
         outputs[key].append(np.asarray(value[:n]))
       bar.update(n)
 
     pending = None
-    with progress_bar(total=total, desc=desc, unit='img') as bar:
+    with progress_bar(total=total, desc=desc, unit='img', disable=jax.process_index() != 0) as bar:
       for images in batches:
         started = self._start(images)  # dispatched before the previous batch is fetched: they overlap
         if pending:

@@ -14,9 +14,9 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from jaxdiff.errors import CheckpointError
+from jaxdiff.train import mesh as mesh_lib
 
 # Config entries that fix the shapes of the parameters: a checkpoint only fits a config that agrees on all of them.
 SHAPE_KEYS = ("model", "data.image_size", "data.channels", "diffusion.var_type", "diffusion.num_timesteps",
@@ -63,12 +63,93 @@ def _describe_mismatch(saved: dict, current: dict) -> str:
   return "; ".join(diffs[:3])
 
 
+# Files every committed step holds; a step without one of them is damaged.
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA", "state/manifest.ocdbt")
+_JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA")
+# jaxdiff's list of a committed step's files and sizes, written once the step is complete.
+MANIFEST = "jaxdiff_files.json"
+# TensorStore statuses that mean a file is missing, too short or undecodable (not a transient failure).
+_DAMAGE_STATUSES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+
+
+def _first_line(error: BaseException) -> str:
+  """The error's type and first line; of a long line its start and its end (TensorStore puts the cause last)."""
+  text = str(error).strip()
+  if not text:
+    return type(error).__name__
+  line = text.splitlines()[0]
+  return f"{type(error).__name__}: {line if len(line) <= 240 else line[:100] + ' ... ' + line[-135:]}"
+
+
+def _error_chain(error: BaseException):
+  seen = []
+  while error is not None and error not in seen:
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  return seen
+
+
+def step_files(step_dir: str) -> dict[str, int]:
+  """{relative path: size} of every file of a step folder."""
+  files = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      files[os.path.relpath(path, step_dir)] = os.path.getsize(path)
+  return {name: size for name, size in files.items() if name != MANIFEST and not name.startswith(f".{MANIFEST}")}
+
+
+def structural_damage(step_dir: str) -> str | None:
+  """What is wrong with a step folder's files (missing, unparseable or changed since the save), or None."""
+  if not os.path.isdir(step_dir) or not os.listdir(step_dir):
+    return "the step folder is empty"
+  for name in _REQUIRED_FILES:
+    if not os.path.isfile(os.path.join(step_dir, name)):
+      return f"{name} is missing"
+  for name in _JSON_FILES:
+    try:
+      with open(os.path.join(step_dir, name)) as f:
+        json.load(f)
+    except ValueError:
+      return f"{name} is not valid JSON"
+  try:
+    with open(os.path.join(step_dir, MANIFEST)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None  # a step from before manifests, or killed before its manifest was written: nothing to compare
+  current = step_files(step_dir)
+  for name, size in sorted(saved.items()):
+    if name not in current:
+      return f"{name} is missing"
+    if current[name] != size:
+      return f"{name} has {current[name]} bytes, {size} when saved"
+  return None
+
+
+def reported_damage(error: BaseException) -> str | None:
+  """The damage orbax or TensorStore reported while restoring (a missing item, a truncated or corrupt file)."""
+  for e in _error_chain(error):
+    text = str(e)
+    if isinstance(e, json.JSONDecodeError) or (isinstance(e, KeyError) and "not found in the checkpoint" in text):
+      return _first_line(e)
+    if any(text.startswith(status) for status in _DAMAGE_STATUSES):
+      return _first_line(e)
+  return None
+
+
 class Checkpointer:
-  """Saves every N steps (async) and restores the newest readable step, refusing other models' checkpoints."""
+  """Saves every N steps (async) and restores the newest readable step, refusing other models' checkpoints.
+
+  A step is set aside only on evidence of damage: its files fail a structural check (missing, unparseable, or of
+  other sizes than when it was saved), or orbax reports a missing item or a truncated or corrupt file. Any other
+  failure to restore (an I/O error, out of memory, a wrong abstract state) is raised as one line and moves nothing.
+  """
 
   def __init__(self, directory: str, *, signature: dict, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)
+    self.aside_directory = f"{self.directory}_unreadable"
     self.signature = signature
+    self._pending_step = None  # the step an asynchronous save is writing
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -77,12 +158,15 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def check_compatible(self):
     """Raises CheckpointError when the workdir holds a checkpoint of a different model."""
     for step in reversed(self.all_steps()):
       try:
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      except Exception:  # An unreadable step says nothing about the model; restore() skips it.
+      except Exception:  # An unreadable step says nothing about the model; restore() judges it.
         continue
       if saved != self.signature:
         raise CheckpointError(
@@ -91,54 +175,87 @@ class Checkpointer:
       return
 
   def restore(self, abstract_state):
-    """The newest step that restores cleanly, or None when there is none.
+    """The newest step that restores, or None when there is no checkpoint at all.
 
-    An unreadable step (truncated or missing files, no metadata, an empty folder) is moved aside to
-    `<checkpoints>_unreadable/` with a warning, so nothing is deleted and a resumed run can save that step again.
+    A damaged step is moved aside to `<checkpoints>_unreadable/` with a warning (nothing is deleted) and the next
+    older one is tried. Raises CheckpointError when a step fails without evidence of damage, and when steps were
+    set aside (now or by an earlier run) but none is left: a run never starts again from step 0 silently.
     """
     self.check_compatible()
     for step in reversed(self.all_steps()):
+      # Checked first too: orbax restores some truncated files without a word.
+      damage = structural_damage(self.step_dir(step))
+      if damage is not None:
+        self._set_aside(step, damage)
+        continue
       try:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
-      except Exception as e:  # orbax raises ValueError/KeyError/OSError/... on damaged steps.
-        self._set_aside(step, e)
+      except Exception as e:  # pylint: disable=broad-except
+        damage = structural_damage(self.step_dir(step)) or reported_damage(e)
+        if damage is None:
+          raise CheckpointError(
+              f"Could not restore checkpoint step {step} in {self.directory} ({_first_line(e)}), though its files "
+              "look intact; nothing was moved: fix the cause (disk, memory, mesh) and rerun.") from e
+        self._set_aside(step, damage)
+    if os.path.isdir(self.aside_directory) and os.listdir(self.aside_directory):
+      raise CheckpointError(
+          f"No readable checkpoint is left in {self.directory}; the damaged ones are in {self.aside_directory}. "
+          f"To start again from step 0, move {self.aside_directory} away and rerun.")
     return None
 
-  def _set_aside(self, step: int, error: Exception):
-    aside = os.path.join(f"{self.directory}_unreadable", f"{step}-{int(time.time())}")
-    logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying an older one.",
-                    step, self.directory, type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
-                    aside)
+  def _set_aside(self, step: int, damage: str):
+    aside = os.path.join(self.aside_directory, f"{step}-{int(time.time())}")
+    logging.warning("Checkpoint step %d in %s is unreadable (%s); moved it to %s and trying an older one.",
+                    step, self.directory, damage, aside)
     if jax.process_index() == 0:  # the checkpoint directory is shared by all processes
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), aside)
-    multihost_utils.sync_global_devices(f"jaxdiff_set_aside_{step}")
+      os.makedirs(self.aside_directory, exist_ok=True)
+      shutil.move(self.step_dir(step), aside)
+    mesh_lib.barrier(f"jaxdiff_set_aside_{step}")
     self.manager.reload()
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Starts an async save; errors of this or the previous save surface here, as a CheckpointError."""
+    """Starts an async save. A failure of the previous save, or of starting this one, raises CheckpointError."""
+    self.wait()
     try:
-      return self.manager.save(
+      saved = self.manager.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                         meta=ocp.args.JsonSave(self.signature)),
           force=force)
     except Exception as e:
       raise self._save_error(step, e) from e
+    if saved:
+      self._pending_step = step
+    return saved
 
   def wait(self):
+    """Waits for the pending save; raises CheckpointError naming its step if it failed."""
     try:
       self.manager.wait_until_finished()
+      self.manager.check_for_errors()
     except Exception as e:
-      raise self._save_error(None, e) from e
+      raise self._save_error(self._pending_step, e) from e
+    if self._pending_step is not None and jax.process_index() == 0:
+      self._write_manifest(self._pending_step)
+    self._pending_step = None
+
+  def _write_manifest(self, step: int):
+    step_dir = self.step_dir(step)
+    if not os.path.isdir(step_dir):  # already removed by max_to_keep
+      return
+    tmp = os.path.join(step_dir, f".{MANIFEST}.tmp")
+    with open(tmp, "w") as f:
+      json.dump(step_files(step_dir), f)
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
 
   def _save_error(self, step, error: Exception) -> CheckpointError:
-    kept = [s for s in self.all_steps() if s != step]
+    self.manager.reload()
+    intact = [s for s in self.all_steps() if s != step and structural_damage(self.step_dir(s)) is None]
     return CheckpointError(
         f"Saving checkpoint{'' if step is None else f' step {step}'} to {self.directory} failed "
-        f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); the earlier "
-        f"checkpoint (step {kept[-1] if kept else 'none'}) is intact: free disk space or fix the path, then resume.")
+        f"({_first_line(error)}); the newest intact checkpoint is step {intact[-1] if intact else 'none'}: "
+        "free disk space or fix the path, then resume.")
 
   def close(self):
     try:

@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -63,14 +62,9 @@ class Experiment:
                         self.abstract_state(), self.state_sharding)
 
   def restore_params(self, workdir: str, *, use_ema: bool):
-    """(params, step) from `model.init_from` (converted PyTorch weights, step 0) or the workdir's newest checkpoint."""
-    if self.config.model.init_from:
-      from jaxdiff import convert  # torch-only code paths load lazily
-      params = convert.load_for_model(self.config.model.init_from, self.model,
-                                      image_size=self.config.data.image_size, in_channels=self.config.data.channels)
-      return jax.device_put(params, self.state_sharding.params), 0
+    """(params, step) of the workdir's newest checkpoint (EMA or raw)."""
     checkpointer = self.checkpointer(workdir)
-    state = checkpointer.restore(self.abstract_state_with_sharding()) if checkpointer.all_steps() else None
+    state = checkpointer.restore(self.abstract_state_with_sharding())
     checkpointer.close()
     if state is None:
       raise CheckpointError(f"No checkpoint in {checkpointer.directory}: train first with train.py --workdir, "
@@ -79,8 +73,7 @@ class Experiment:
 
   def shard_batch(self, batch: dict) -> dict:
     """This process's share of the global batch, placed over the mesh's data axis."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in batch.items()}
+    return mesh_lib.host_to_mesh(batch, self.batch_sharding, process_local=True)
 
 
 def _check_config(config):
@@ -100,8 +93,8 @@ def _check_config(config):
   for key in ("log_every", "checkpoint_every"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
-  if config.sample.batch_size <= 0 or config.sample.batch_size % n:
-    raise ConfigError(f"sample.batch_size={config.sample.batch_size} must be a positive multiple of the {n} devices.")
+  if config.sample.per_device_batch_size <= 0:
+    raise ConfigError(f"sample.per_device_batch_size must be >= 1, got {config.sample.per_device_batch_size}.")
 
 
 def build(config) -> Experiment:

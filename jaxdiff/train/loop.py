@@ -68,17 +68,22 @@ def batches(exp: experiment_lib.Experiment, start_step: int):
 
 
 def _write_grid(exp, sample_fn, params, workdir: str, step: int) -> str:
+  """Draws the EMA grid on every device; process 0 writes it."""
   n = exp.config.train.num_grid_samples
   count = -(-n // jax.device_count()) * jax.device_count()
-  images, _ = sampling.draw_indices(exp, sample_fn, params, seed=exp.config.sample.seed, indices=np.arange(count))
-  return sampling.save_grid(images[:n], os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png"))
+  images, _ = sampling.draw_indices(exp, sample_fn, params, seed=exp.config.sample.seed,
+                                    indices=sampling.pad_to(np.arange(n), count))
+  path = os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png")
+  if jax.process_index() == 0:
+    sampling.save_grid(images[:n], path)
+  return path
 
 
 def run(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns a summary of the run."""
   exp = experiment_lib.build(config)
   checkpointer = exp.checkpointer(workdir)
-  state = checkpointer.restore(exp.abstract_state_with_sharding()) if checkpointer.all_steps() else None
+  state = checkpointer.restore(exp.abstract_state_with_sharding())
   resumed = state is not None
   if state is None:
     state = exp.init_state(jax.random.fold_in(jax.random.key(config.seed), 0))

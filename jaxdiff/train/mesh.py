@@ -10,6 +10,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdiff.errors import ConfigError
@@ -74,3 +75,26 @@ def state_sharding(abstract_state, mesh: jax.sharding.Mesh):
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def host_to_mesh(tree, shardings, *, process_local: bool):
+  """Host (NumPy) data -> global arrays on the mesh: the one way host data enters a mesh that may span processes.
+
+  process_local=True: each process holds only its own slice of the leading (batch) axis, in process order, as the
+  input pipeline gives it. process_local=False: every process holds the whole array (sample indices, converted
+  weights); each device takes its part. `shardings` is one sharding for every leaf or a tree matching `tree`.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, None if process_local else x.shape)
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def barrier(name: str):
+  """Waits until every process reaches the barrier of this name (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
