@@ -320,6 +320,22 @@ def benchmark(name: str, net: dict, s: Settings, workdir: str, *, given_peak: fl
   return rows
 
 
+def cpu_description() -> str:
+  """The CPU model and the extensions that decide which kernels XLA and oneDNN pick."""
+  model, flags = "unknown CPU", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and model == "unknown CPU":
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+  return f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags) or 'no AVX2'}"
+
+
 def fmt(value) -> str:
   return f'{value:.4g}' if isinstance(value, float) else str(value)
 
@@ -372,7 +388,8 @@ def main(argv=None):
   # XLA flushes denormals on CPU; without this, torch's CPU kernels slow down up to tenfold on denormal values.
   torch.set_flush_denormal(True)
   print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), torch {torch.__version__} '
-        f'with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; {s}; XLA_FLAGS added: {added}', flush=True)
+        f'with {torch.get_num_threads()} threads; CPU: {cpu_description()}; {s}; '
+        f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "")!r} ({added} added)', flush=True)
   results = {}
   with tempfile.TemporaryDirectory() as workdir:
     for name, net in nets.items():

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_pytorch import median_time, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
+from compare_pytorch import cpu_description, median_time, xla_flags  # noqa: E402  pylint: disable=wrong-import-position
 
 SHAPES = [(8, 32, 64), (8, 16, 128), (32, 28, 16)]  # (batch, height = width, channels in = out)
 
 
 def main():
-  print(f"XLA_FLAGS added (as train.py and sample.py do): {xla_flags.add_cpu_defaults()}")
+  added = xla_flags.add_cpu_defaults()
+  print(f"CPU: {cpu_description()}; XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} ({added} added as the jobs do)")
   conv = jax.jit(lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME",
                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")))
   grad = jax.jit(jax.grad(lambda a, k: conv(a, k).sum(), argnums=(0, 1)))

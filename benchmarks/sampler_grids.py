@@ -43,6 +43,9 @@ def main(argv):
   params = None
   for setting in flags.FLAGS.settings.split(","):
     name, steps = setting.split(":")
+    if int(steps) > base.diffusion.num_timesteps:
+      print(f"skipping {setting}: more steps than diffusion.num_timesteps={base.diffusion.num_timesteps}")
+      continue
     config = base.copy_and_resolve_references()
     config.sample.sampler = name
     config.sample.timestep_respacing = respacing(name, int(steps), config.diffusion.num_timesteps)
@@ -62,5 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_flags()
+  cli.define_flags(job="sample")
   app.run(main, flags_parser=cli.parse_flags)

@@ -46,6 +46,7 @@ def get_config():
   model.flip_sin_to_cos = False  # timestep embedding [sin, cos]; guided-diffusion is [cos, sin]
   model.freq_shift = 1
   model.mid_block_scale_factor = 1.0
+  model.patch_size = 1  # > 1: the UNet runs on p x p patches stacked as channels (space-to-depth, Simple Diffusion)
   model.class_conditional = False  # embed data labels (classes come from the dataset)
   model.num_classes = 0  # with class_conditional: 0 = count the dataset's classes; > 0 = this many
   model.init_from = config_dict.placeholder(str)  # PyTorch weights to sample from (see README)
@@ -62,12 +63,14 @@ def get_config():
   diffusion.var_type = "fixed_large"  # fixed_large | fixed_small | learned_range
   diffusion.loss = "mse"  # mse (L_simple) | hybrid (mse + vlb_weight * L_vlb) | kl (L_vlb)
   diffusion.vlb_weight = 1e-3  # lambda of the hybrid loss
+  diffusion.min_snr_gamma = 0.0  # > 0: weight the mean loss by min(SNR, gamma) on the x0 scale (Min-SNR); 0 = off
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 128  # global, over all devices and processes
   train.num_steps = 800_000
   train.learning_rate = 2e-4
   train.warmup_steps = 5000
+  train.lr_schedule = "constant"  # after warmup: constant | cosine (decays to 0 at train.num_steps)
   train.grad_clip = 1.0
   train.grad_accum_steps = 1  # micro-batches per step: same global batch, less activation memory
   train.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves params unchanged instead of stopping the run

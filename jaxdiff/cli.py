@@ -1,4 +1,12 @@
-"""What train.py and sample.py share: flags, config loading, one-line errors and the closing summary."""
+"""What the absl CLIs share (train.py, sample.py, `python -m jaxdiff.likelihood`, `python -m jaxdiff.convert`):
+flags, config loading and checking, one-line errors and the closing summary.
+
+The CLI layer sits above the jobs: it imports them when it runs one, and no job imports it. Each entry point is
+
+  cli.define_flags(job=...); app.run(functools.partial(cli.main, job=...), flags_parser=cli.parse_flags)
+
+and `run_in_process(job, argv)` runs the same path on fresh flags (for tests).
+"""
 
 import json
 import logging
@@ -13,12 +21,23 @@ from jaxdiff.errors import UserError
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+JOBS = ("train", "sample", "likelihood", "convert")
+
+
+def define_flags(*, job: str, flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None):
+  """--config (with --config.x.y overrides, read from argv or sys.argv) and --workdir; --from for the converter."""
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config file, e.g. configs/ddpm_mnist.py or configs/ddpm_mnist.py:smoke; "
-      "override any entry with --config.section.key=value.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.")
-  flags.mark_flags_as_required(["config", "workdir"])
+      "override any entry with --config.section.key=value.", lock_config=True, flag_values=flag_values,
+      sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and samples.",
+                      flag_values=flag_values)
+  required = ["config", "workdir"]
+  if job == "convert":
+    flags.DEFINE_string("from", None, "A guided-/improved-diffusion .pt/.safetensors file or a diffusers model folder.",
+                        flag_values=flag_values)
+    required.append("from")
+  flags.mark_flags_as_required(required, flag_values=flag_values)
 
 
 def fail(message: str):
@@ -47,10 +66,10 @@ def _override_of(argv, missing_key: str) -> str:
   return missing_key
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values: flags.FlagValues = FLAGS):
   """absl's parser, with bad flags and bad config overrides reported in one line instead of a traceback."""
   try:
-    return FLAGS(argv)
+    return flag_values(argv)
   except (KeyError, flags.Error, AttributeError, TypeError, ValueError, OSError) as e:
     # ml_collections reports an override of a key the config lacks as a KeyError, possibly re-raised as another
     # error, or as an unknown flag.
@@ -70,31 +89,25 @@ def _configure_logging():
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv, *, job: str):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value.")
-  _configure_logging()
-  from jaxdiff import xla_flags
-  xla_flags.add_cpu_defaults()  # before JAX starts a backend
-  # Imported here so --help and flag errors do not wait for JAX to load.
-  from jaxdiff import likelihood, sampling
-  from jaxdiff.train import loop
-  from jaxdiff.train import mesh as mesh_lib
-  jobs = {"train": loop.run, "sample": sampling.run, "likelihood": likelihood.run}
+def _job_function(job: str, flag_values: flags.FlagValues):
+  """The job's `run(config, workdir) -> summary`, imported only now so --help and flag errors stay fast."""
+  if job == "train":
+    from jaxdiff.train import loop
+    return loop.run
+  if job == "sample":
+    from jaxdiff import sampling
+    return sampling.run
+  if job == "likelihood":
+    from jaxdiff import likelihood
+    return likelihood.run
+  from jaxdiff import convert
+  return lambda config, workdir: {"checkpoints": convert.write_checkpoint(flag_values["from"].value, config, workdir)}
 
-  config = FLAGS.config
-  try:
-    config.keys()
-  except OSError as e:  # the config file is loaded lazily, on first access
-    fail(f"cannot load the config file ({_one_line(e)}): pass --config=configs/<experiment>.py from the repo root.")
-  workdir = FLAGS.workdir
-  try:
-    mesh_lib.initialize_distributed(config.distributed)
-    summary = jobs[job](config, workdir)
-  except UserError as e:
-    fail(str(e))
-  import jax
-  if jax.process_index() != 0:  # process 0 reports for the whole run
+
+def _report(job: str, summary: dict, workdir: str):
+  if job == "convert":
+    print(f"Wrote {summary['checkpoints']}/0: sample with python sample.py --config=<the same config> "
+          f"--workdir={workdir}")
     return
   print(f"\n{job} finished:")
   print(json.dumps(summary, indent=2, default=str))
@@ -108,3 +121,41 @@ def main(argv, *, job: str):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f"{job}_summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)
+
+
+def main(argv, *, job: str, flag_values: flags.FlagValues = FLAGS):
+  """Checks the config, joins a multi-process run if the config describes one, runs the job and reports."""
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}: flags take the form --name=value.")
+  _configure_logging()
+  from jaxdiff import xla_flags
+  xla_flags.add_cpu_defaults()  # before JAX starts a backend
+  from jaxdiff import config_schema
+  from jaxdiff.train import mesh as mesh_lib
+
+  try:
+    config = flag_values.config
+    config.keys()
+  except OSError as e:  # the config file is loaded lazily, on first access
+    fail(f"cannot load the config file ({_one_line(e)}): pass --config=configs/<experiment>.py from the repo root.")
+  workdir = flag_values.workdir
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    fail(f"--workdir={workdir} is a file: pass a folder (it is created if missing).")
+  try:
+    config_schema.validate(config)  # before anything starts or is written
+    run = _job_function(job, flag_values)
+    mesh_lib.initialize_distributed(config.distributed)
+    summary = run(config, workdir)
+  except UserError as e:
+    fail(str(e))
+  import jax
+  if jax.process_index() == 0:  # process 0 reports for the whole run
+    _report(job, summary, workdir)
+
+
+def run_in_process(job: str, argv: list[str]):
+  """Runs a job's CLI in this process, on fresh flags (argv[0] is the program name)."""
+  flag_values = flags.FlagValues()
+  define_flags(job=job, flag_values=flag_values, argv=argv)
+  argv = parse_flags(argv, flag_values)
+  main(argv, job=job, flag_values=flag_values)

@@ -263,15 +263,22 @@ def run(config, workdir: str) -> dict:
   written atomically by process 0 and a rerun skips the samples they hold: a killed job, rerun with any number of
   processes, ends with the same N samples as an uninterrupted one.
   """
-  exp = experiment_lib.build(config)
+  exp = experiment_lib.build(config, job="sample")
   params, step = weights.load(exp, workdir, use_ema=config.sample.use_ema)
   s = config.sample
   identity = job_identity(config, step=step, fingerprint=params_fingerprint(params))
   job_dir = os.path.join(workdir, "samples", job_name(identity))
   shard_dir = os.path.join(job_dir, "shards")
   is_main = jax.process_index() == 0
+  problem = ""
   if is_main:
-    _check_job_file(job_dir, identity)
+    try:
+      _check_job_file(job_dir, identity)
+    except UserError as e:
+      problem = str(e)
+  # Every process stops if process 0 found a problem, rather than wait for it in a collective.
+  if multihost_utils.broadcast_one_to_all(np.int32(bool(problem))):
+    raise UserError(problem or f"{job_dir}/job.json describes other settings: see process 0's error.")
   todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples, exp.sample_shape))
   sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised)
   global_batch = s.per_device_batch_size * jax.device_count()

@@ -17,7 +17,7 @@ def run_cli(script, *args):
     (["--config.train.nope=1"], "unknown config key 'train.nope'"),
     (["--config.nope.x=1"], "unknown config key 'nope.x'"),
     (["--config.train.batch_size=abc"], "--config.train.batch_size=abc"),
-    (["--config.diffusion.schedule=cosin"], "Unknown diffusion.schedule 'cosin'"),
+    (["--config.diffusion.schedule=cosin"], "diffusion.schedule='cosin' is not valid: use one of 'linear', 'cosine'"),
     (["--config.data.name=image_folder", "--config.data.image_dir=/nonexistent"], "/nonexistent"),
 ])
 def test_bad_input_is_one_line(tfds_dir, tmp_path, args, match):

@@ -1,6 +1,7 @@
 """Tests for jaxdiff.convert: parity with the PyTorch references, key/shape checks, bad files, the CLI path."""
 
 import functools
+import importlib
 import importlib.util
 import json
 import os
@@ -100,6 +101,40 @@ def test_guided_diffusion_wrong_config(change, message):
   with pytest.raises(CheckpointError, match=message) as err:
     convert.load_guided_diffusion(WEIGHTS, cfg, image_size=16)
   assert '\n' not in str(err.value)
+
+
+def test_attention_flags_a_state_dict_cannot_tell(caplog, monkeypatch):
+  from jaxdiff.convert import common, guided_diffusion  # pylint: disable=import-outside-toplevel
+  flags, _ = fixture()
+  cfg = model_config(flags['new_order'])
+  convert.load_guided_diffusion(WEIGHTS, cfg, image_size=16)  # an unknown file: the assumed values are named
+  assert 'cannot tell the attention layout' in caplog.text and 'model.legacy_qkv_order=False' in caplog.text
+  # A released checkpoint (known by its parameter count) under the wrong flags is refused.
+  count = sum(v.size for v in common.read_safetensors(WEIGHTS).values())
+  monkeypatch.setitem(guided_diffusion.RELEASES, count, ('a release', dict(num_head_channels=-1, num_heads=1,
+                                                                           legacy_qkv_order=True)))
+  with pytest.raises(CheckpointError, match=r"is guided-diffusion's a release .* the config has "
+                                            r"model.num_head_channels=16, model.legacy_qkv_order=False"):
+    convert.load_guided_diffusion(WEIGHTS, cfg, image_size=16)
+
+
+@pytest.mark.parametrize('config_name,class_conditional', [('adm_imagenet64', True), ('adm_imagenet128', True),
+                                                           ('adm_imagenet256', True), ('adm_imagenet256', False)])
+def test_release_table_matches_the_configs(config_name, class_conditional):
+  """The parameter counts that identify released checkpoints are those of the configs that load them, whose
+  attention flags agree with the table."""
+  from jaxdiff import models  # pylint: disable=import-outside-toplevel
+  from jaxdiff.convert import guided_diffusion  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  num_classes = 1000 if class_conditional else None
+  model = models.create_model(config.model, image_size=config.data.image_size, in_channels=3, out_channels=6,
+                              num_classes=num_classes)
+  shapes = models.param_shapes(model, config.data.image_size, 3, num_classes)
+  name, flags = guided_diffusion.RELEASES[sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))]
+  assert config_name.removeprefix('adm_imagenet') in name
+  for key, value in flags.items():
+    if key != 'num_heads' or flags.get('num_head_channels', -1) == -1:
+      assert config.model[key] == value, (key, name)
 
 
 def test_truncated_and_foreign_files(tmp_path):

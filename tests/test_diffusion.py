@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from jaxdiff.diffusion import GaussianDiffusion, MeanType, VarType, ancestral_sample, get_betas, schedules
+from jaxdiff.diffusion import (GaussianDiffusion, LossType, MeanType, VarType, ancestral_sample, get_betas,
+                               schedules)
 from jaxdiff.errors import ConfigError
 
 
@@ -150,3 +151,24 @@ class TestAncestralSampler:
       return len(fn.lower(diffusion, jax.random.split(jax.random.key(0), 2)).as_text())
     small, large = hlo_size(10), hlo_size(1000)
     assert large < small * 1.05, (small, large)
+
+
+@pytest.mark.parametrize("mean_type", list(MeanType))
+def test_min_snr_weights_the_x0_error_by_min_snr_gamma(mean_type):
+  """Whatever the network predicts, the weighted loss equals min(SNR, gamma) times the squared x_0 error."""
+  betas = get_betas("linear", 1000)
+  diffusion = GaussianDiffusion.from_betas(betas, mean_type=mean_type)
+  _, abar, _ = _numpy_process(betas)
+  t = jnp.array([0, 10, 100, 500, 999])
+  x0 = jax.random.normal(jax.random.key(0), (5, 4, 4, 1))
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  x_t = diffusion.q_sample(x0, t, noise)
+  target = diffusion.mean_target(x0, t, noise)
+  output = target + 0.1 * jax.random.normal(jax.random.key(2), x0.shape)  # an imperfect prediction
+  losses = diffusion.training_losses(output, x0, x_t, t, noise, loss_type=LossType.MSE, min_snr_gamma=5.0)
+  pred_x0 = diffusion.pred_x0(output, x_t, t)
+  x0_error = np.mean(np.square(np.asarray(pred_x0 - x0, np.float64)), axis=(1, 2, 3))
+  snr = abar[np.asarray(t)] / (1 - abar[np.asarray(t)])
+  np.testing.assert_allclose(losses.loss, np.minimum(snr, 5.0) * x0_error, rtol=2e-3)
+  unweighted = diffusion.training_losses(output, x0, x_t, t, noise, loss_type=LossType.MSE)
+  np.testing.assert_allclose(losses.mse, unweighted.loss, rtol=1e-6)  # the logged mse stays unweighted

@@ -261,7 +261,6 @@ def test_frechet_distance_matches_references():
   assert abs(metrics.frechet_distance(a, a)) < 1e-6 * np.trace(a.sigma)
 
 
-@pytest.mark.slow  # sqrtm of a 2048 x 2048 matrix: 10 s to minutes on 2 cores
 def test_fid_of_a_set_against_itself(variables, reference):
   extractor = features.FeatureExtractor(variables, batch_size=3, resize_to=SMALL)
   stats = metrics.Statistics.of(extractor.of_array(reference['images'])['pool'])  # rank 2 of 2048: singular
@@ -317,7 +316,6 @@ def test_cli_stats_of_dataset(tmp_path, weights_file):
     assert f['mu'].shape == (inception.FEATURE_DIM,) and f['sigma'].shape == (inception.FEATURE_DIM,) * 2
 
 
-@pytest.mark.slow  # sqrtm of a 2048 x 2048 matrix
 def test_cli_fid(tmp_path, weights_file, capsys):
   common = [f'--weights={weights_file}', '--batch_size=4', f'--resize_to={SMALL}']
   rng = np.random.default_rng(3)

@@ -47,7 +47,8 @@ def random_params(model, num_classes=None):
     dict(num_classes=5, flip_sin_to_cos=True, freq_shift=0),
     dict(dtype=jnp.bfloat16, use_scale_shift_norm=True),
     dict(remat=True, dropout=0.1),
-], ids=['default', 'adm_style', 'per_level_blocks', 'class_cond', 'bf16', 'remat'])
+    dict(patch_size=2, attention_ds=(1,)),
+], ids=['default', 'adm_style', 'per_level_blocks', 'class_cond', 'bf16', 'remat', 'patches'])
 def test_output_shape_and_dtype(options):
   model = UNet(**{**TINY, **options})
   x, t, y = inputs(num_classes=options.get('num_classes'))
@@ -182,3 +183,25 @@ def test_adm_config_param_counts(name, size, expected):
   assert config.data.image_size == size and config.model.num_classes == 1000
   model = create_model(config.model, image_size=size, in_channels=3, out_channels=6, num_classes=1000)
   assert count(param_shapes(model, size, 3, 1000)) == expected
+
+
+def test_patches_are_space_to_depth():
+  """With patch_size 2, output pixel (i, j) comes from output channel (i % 2, j % 2) of its patch: a network whose
+  last conv passes patch channels through returns the input, pixel for pixel."""
+  model = UNet(**{**TINY, 'patch_size': 2, 'attention_ds': ()})
+  x, t, _ = inputs()
+  params = random_params(model)
+  assert params['conv_in']['kernel'].shape[2] == 12 and params['conv_out']['kernel'].shape[3] == 12
+  captured = {}
+
+  def capture(next_fun, args, kwargs, context):
+    if context.module.name == 'conv_in':
+      captured['patches'] = args[0]
+    if context.module.name == 'conv_out':
+      return captured['patches']  # the patches themselves, as if every layer between were the identity
+    return next_fun(*args, **kwargs)
+
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  with nn.intercept_methods(capture):
+    out = model.apply({'params': params}, x, t, train=False)
+  np.testing.assert_array_equal(out, x)

@@ -100,6 +100,15 @@ def test_workdir_of_another_model_is_refused_and_left_intact(tfds_dir, tmp_path)
   assert tree_digest(tmp_path / "checkpoints") == before
 
 
+def test_a_fixed_variance_model_samples_with_either_fixed_variance(tfds_dir, tmp_path):
+  loop.run(smoke_config(tfds_dir, **{"train.num_steps": 1}), str(tmp_path))  # trained with fixed_large
+  summary = sampling.run(smoke_config(tfds_dir, **{"diffusion.var_type": "fixed_small"}), str(tmp_path))
+  assert summary["sampled_now"] == 4
+  learned = smoke_config(tfds_dir, **{"diffusion.var_type": "learned_range", "diffusion.loss": "hybrid"})
+  with pytest.raises(CheckpointError, match="diffusion.var_type: 'fixed' in the checkpoint, 'learned_range'"):
+    sampling.run(learned, str(tmp_path))
+
+
 def test_sampling_without_checkpoint_says_train_first(tfds_dir, tmp_path):
   with pytest.raises(CheckpointError, match="train first"):
     sampling.run(smoke_config(tfds_dir), str(tmp_path))
@@ -107,7 +116,7 @@ def test_sampling_without_checkpoint_says_train_first(tfds_dir, tmp_path):
 
 @pytest.mark.parametrize("overrides,error,match", [
     ({"data.name": "no_such_dataset"}, DataError, "no_such_dataset"),
-    ({"data.name": "image_folder", "data.image_dir": "/nonexistent/images"}, DataError, "/nonexistent/images"),
+    ({"data.name": "image_folder", "data.image_dir": "/nonexistent/images"}, ConfigError, "/nonexistent/images"),
     ({"diffusion.schedule": "cosin"}, ConfigError, "diffusion.schedule"),
     ({"diffusion.mean_type": "eps"}, ConfigError, "diffusion.mean_type"),
     ({"train.batch_size": 0}, ConfigError, "train.batch_size"),

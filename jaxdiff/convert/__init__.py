@@ -94,7 +94,7 @@ def write_checkpoint(path: str, config, workdir: str) -> str:
   Refuses a workdir that already holds checkpoints: sampling restores the newest step, so converted weights beside
   later steps would be silently ignored. Every process reads the file and keeps its share of the state.
   """
-  exp = experiment_lib.build(config)
+  exp = experiment_lib.build(config, job="convert")
   checkpointer = exp.checkpointer(workdir)
   try:
     if checkpointer.all_steps() or os.path.isdir(checkpointer.aside_directory):

@@ -5,6 +5,10 @@ Both repositories name modules by position: `input_blocks.{k}.{j}`, `middle_bloc
 splits q, k, v heads-first (jaxdiff's legacy_qkv_order=True).
 """
 
+import logging
+
+import numpy as np
+
 from jaxdiff.convert import common
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models import UNet, param_shapes
@@ -14,7 +18,17 @@ RES = {'norm1': 'in_layers.0', 'conv1': 'in_layers.2', 'time_proj': 'emb_layers.
 LEAVES = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}
 # The UNet fields whose guided-diffusion values are fixed by its code rather than by a flag.
 LAYOUT = dict(flip_sin_to_cos=True, freq_shift=0, norm_eps=1e-5, norm_groups=32, downsample_padding='symmetric',
-              mid_block_scale_factor=1.0)
+              mid_block_scale_factor=1.0, patch_size=1)
+# Flags a state dict cannot tell: the qkv weight has the same shape for any head split and either order.
+# (guided-diffusion's --num_heads, --num_head_channels, and --use_new_attention_order = not legacy_qkv_order.)
+ATTENTION_FIELDS = ('num_heads', 'num_head_channels', 'legacy_qkv_order')
+# The released checkpoints, known by their parameter count, and their attention flags (guided-diffusion's README).
+RELEASES = {
+    295_904_454: ('64x64_diffusion.pt', dict(num_head_channels=64, legacy_qkv_order=False)),
+    421_529_606: ('128x128_diffusion.pt', dict(num_heads=4, num_head_channels=-1, legacy_qkv_order=True)),
+    553_838_086: ('256x256_diffusion.pt', dict(num_head_channels=64, legacy_qkv_order=True)),
+    552_814_086: ('256x256_diffusion_uncond.pt or an LSUN model', dict(num_head_channels=64, legacy_qkv_order=True)),
+}
 
 
 def module_prefixes(model: UNet) -> dict[str, str]:
@@ -55,9 +69,30 @@ def check_layout(model: UNet):
                           f'; the config has {", ".join(wrong)}: start from configs/adm_imagenet64.py.')
 
 
+def check_attention(state_dict: dict, model: UNet, what: str):
+  """Refuses a released checkpoint under other attention flags than it was trained with; for any other file, warns
+  which values are assumed (wrong ones load without error but sample wrong images)."""
+  count = sum(int(np.prod(np.shape(v))) for v in state_dict.values())
+  if count in RELEASES:
+    name, flags = RELEASES[count]
+    if flags.get('num_head_channels', -1) != -1:
+      flags = {k: v for k, v in flags.items() if k != 'num_heads'}  # heads follow from the channels per head
+    wrong = [f'model.{k}={getattr(model, k)!r}' for k, v in flags.items() if getattr(model, k) != v]
+    if wrong:
+      raise CheckpointError(f'{what} is guided-diffusion\'s {name} ({count:,} parameters), trained with '
+                            f'{", ".join(f"model.{k}={v!r}" for k, v in flags.items())}; the config has '
+                            f'{", ".join(wrong)}: set those keys.')
+    return
+  logging.warning('%s: a state dict cannot tell the attention layout; assuming %s from the config. Wrong values load '
+                  'but sample wrong images: check them against the checkpoint\'s --num_heads, --num_head_channels '
+                  'and --use_new_attention_order (= not legacy_qkv_order).', what,
+                  ', '.join(f'model.{k}={getattr(model, k)!r}' for k in ATTENTION_FIELDS))
+
+
 def convert(state_dict: dict, model: UNet, *, image_size: int, in_channels: int, what: str = 'checkpoint'):
   """The jaxdiff params of `model` from a guided-/improved-diffusion state dict, every key and shape checked."""
   check_layout(model)
+  check_attention(state_dict, model, what)
   prefixes = module_prefixes(model)
 
   def sources(path):

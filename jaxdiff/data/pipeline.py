@@ -190,9 +190,13 @@ def train_batches(*, name: str, image_size: int, channels: int, batch_size: int,
       return {**example, 'image': example['image'][:, ::-1]}
     return example
 
-  if name in BUNDLED and size * image_size**2 * channels <= _CACHE_MAX_BYTES:
+  cached = name in BUNDLED and size * image_size**2 * channels <= _CACHE_MAX_BYTES
+  if cached:
     ds = grain.MapDataset.source(_Cached([preprocess(e) for e in source.data]))
     ds = ds.shuffle(seed=int(seed))
+    # Batches of decoded arrays cost microseconds: reader threads would only take CPU from the train step (19%
+    # fewer steps/s for the main MNIST job on 2 cores).
+    worker_threads = 0
   else:
     ds = grain.MapDataset.source(source.data).shuffle(seed=int(seed)).map(preprocess)
   if random_flip:

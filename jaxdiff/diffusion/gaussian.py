@@ -267,24 +267,38 @@ class GaussianDiffusion:
     log_variance = jnp.log(_extract(1.0 - self.alphas_cumprod, t, x0.ndim))
     return _mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / np.log(2.0)
 
+  def min_snr_weight(self, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-gamma weights (Hang et al., 2023) of the mean loss at t: the x_0 error weighted by min(SNR, gamma),
+    written for what the network predicts (eps: min(SNR, gamma) / SNR, v: min(SNR, gamma) / (SNR + 1))."""
+    snr = (self.sqrt_alphas_cumprod[t] / self.sqrt_one_minus_alphas_cumprod[t]) ** 2  # both from float64
+    clipped = jnp.minimum(snr, gamma)
+    if self.mean_type == MeanType.EPSILON:
+      return clipped / snr
+    if self.mean_type == MeanType.VELOCITY:
+      return clipped / (snr + 1.0)
+    return clipped
+
   def training_losses(self, model_output: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array,
-                      noise: jax.Array, *, loss_type: LossType, vlb_weight: float = 1e-3) -> Losses:
+                      noise: jax.Array, *, loss_type: LossType, vlb_weight: float = 1e-3,
+                      min_snr_gamma: float = 0.0) -> Losses:
     """The per-example objective at timesteps t of this process.
 
     The VLB is estimated as T * L_t (an unbiased estimate of sum_t L_t for uniform t), in bits per dimension. In the
     hybrid loss the mean output is frozen in the VLB term, so L_vlb trains only the variance (improved DDPM, sec 3.1).
+    min_snr_gamma > 0 weights the mean loss by `min_snr_weight`; `Losses.mse` stays the unweighted error.
     """
     model_output = model_output.astype(jnp.float32)
     mse = self.simple_loss(model_output, x0, t, noise)
+    weighted = mse * self.min_snr_weight(t, min_snr_gamma) if min_snr_gamma > 0 else mse
     if loss_type == LossType.KL:
       vb = self.vb_terms_bpd(model_output, x0, x_t, t)
       return Losses(loss=self.num_timesteps * vb, mse=mse, vb=vb)
     if loss_type == LossType.MSE:
-      return Losses(loss=mse, mse=mse, vb=jnp.zeros_like(mse))
+      return Losses(loss=weighted, mse=mse, vb=jnp.zeros_like(mse))
     mean_output, var_output = self.split_output(model_output)
     frozen = jax.lax.stop_gradient(mean_output)
     vb = self.vb_terms_bpd(frozen if var_output is None else jnp.concatenate([frozen, var_output], -1), x0, x_t, t)
-    return Losses(loss=mse + vlb_weight * self.num_timesteps * vb, mse=mse, vb=vb)
+    return Losses(loss=weighted + vlb_weight * self.num_timesteps * vb, mse=mse, vb=vb)
 
   def bits_per_dim(self, denoise, x0: jax.Array, key: jax.Array, *, clip_denoised: bool = True) -> dict:
     """The full VLB of a batch in bits per dimension: every L_t at one draw of x_t each, plus the prior term.

@@ -38,7 +38,7 @@ def make_bpd_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool, seed: in
 
 def run(config, workdir: str) -> dict:
   """Bits/dim of the newest checkpoint in `workdir` on `config.likelihood.num_batches` batches."""
-  exp = experiment_lib.build(config)
+  exp = experiment_lib.build(config, job="likelihood")
   lk, d = config.likelihood, config.data
   params, step = weights.load(exp, workdir, use_ema=lk.use_ema)
   data = data_lib.train_batches(name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=lk.split,

@@ -15,7 +15,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Optional keys; the defaults reproduce the DDPM paper network (ADM: True, 0, 1e-5, 'symmetric').
 OPTIONAL_KEYS = dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding='asymmetric',
-                     norm_groups=32, conv_resample=True, mid_block_scale_factor=1.0)
+                     norm_groups=32, conv_resample=True, mid_block_scale_factor=1.0, patch_size=1)
 
 
 def _key(cfg, key, default=None):
@@ -48,11 +48,15 @@ def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classe
   num_heads, head_channels = _key(model_cfg, 'num_heads'), _key(model_cfg, 'num_head_channels')
   dropout = _key(model_cfg, 'dropout')
 
+  patch = opt['patch_size']
+  if image_size % patch:
+    raise ConfigError(f'model.patch_size={patch} must divide image_size {image_size}')
+  size = image_size // patch  # the network's input grid
   downsamples = 2 ** (len(mult) - 1)
-  if image_size % downsamples:
-    raise ConfigError(f'model.channel_mult has {len(mult)} levels, so image_size {image_size} must be divisible by '
-                      f'{downsamples}: use fewer levels or another image size')
-  reachable = [image_size // 2 ** level for level in range(len(mult))]
+  if size % downsamples:
+    raise ConfigError(f'model.channel_mult has {len(mult)} levels, so image_size {image_size} / model.patch_size '
+                      f'{patch} must be divisible by {downsamples}: use fewer levels or another image size')
+  reachable = [size // 2 ** level for level in range(len(mult))]
   attention_levels = []
   for res in _key(model_cfg, 'attention_resolutions'):
     if res not in reachable:

@@ -41,6 +41,7 @@ class UNet(nn.Module):
   flip_sin_to_cos: bool = False
   freq_shift: float = 1.0
   mid_block_scale_factor: float = 1.0  # diffusers divides the middle blocks' residual sums by this
+  patch_size: int = 1  # > 1: the network runs on p x p pixel patches stacked as channels (space-to-depth)
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -77,6 +78,10 @@ class UNet(nn.Module):
 
     # int(): guided-diffusion's 512x512 network starts at channel_mult 0.5.
     width = lambda level: int(self.base_channels * self.channel_mult[level])
+    p = self.patch_size
+    if p > 1:  # invertible: [B, H, W, C] -> [B, H/p, W/p, p*p*C], undone on the output
+      b, height, w, c = x.shape
+      x = x.reshape(b, height // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, height // p, w // p, -1)
     h = layers.conv(width(0), name='conv_in', **kw)(x.astype(self.dtype))
     skips = [h]
     for level in range(num_levels):
@@ -115,4 +120,9 @@ class UNet(nn.Module):
     h = nn.silu(layers.group_norm(h.astype(jnp.float32), groups=self.norm_groups, eps=self.norm_eps,
                                   param_dtype=self.param_dtype, name='norm_out'))
     # Zero-initialised: the untrained network predicts 0, and training starts from the identity residual path.
-    return layers.conv(self.out_channels, name='conv_out', zero_init=True, **f32)(h)
+    out = layers.conv(self.out_channels * p * p, name='conv_out', zero_init=True, **f32)(h)
+    if p > 1:
+      b, height, w, _ = out.shape
+      out = out.reshape(b, height, w, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+      out = out.reshape(b, height * p, w * p, self.out_channels)
+    return out

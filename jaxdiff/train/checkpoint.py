@@ -49,6 +49,14 @@ def model_signature(config, num_classes: int, abstract_state) -> dict:
   return signature
 
 
+def comparable(signature: dict) -> dict:
+  """A signature as checkpoints are matched: the two fixed variances are one model (sample with either)."""
+  out = dict(signature)
+  if "diffusion.var_type" in out:
+    out["diffusion.var_type"] = "learned_range" if out["diffusion.var_type"] == "learned_range" else "fixed"
+  return out
+
+
 def _describe_mismatch(saved: dict, current: dict) -> str:
   diffs = []
   for key in sorted(set(saved) | set(current)):
@@ -168,9 +176,10 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       except Exception:  # An unreadable step says nothing about the model; restore() judges it.
         continue
-      if saved != self.signature:
+      if comparable(saved) != comparable(self.signature):
+        mismatch = _describe_mismatch(comparable(saved), comparable(self.signature))
         raise CheckpointError(
-            f"{self.directory} holds a checkpoint of a different model ({_describe_mismatch(saved, self.signature)})"
+            f"{self.directory} holds a checkpoint of a different model ({mismatch})"
             ": pass a new --workdir, or the config that checkpoint was trained with.")
       return
 

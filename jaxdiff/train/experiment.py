@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from jaxdiff import config_schema
 from jaxdiff import data as data_lib
 from jaxdiff import models
 from jaxdiff.diffusion import GaussianDiffusion, create_diffusion
@@ -63,6 +64,10 @@ class Experiment:
 
   def restore_params(self, workdir: str, *, use_ema: bool):
     """(params, step) of the workdir's newest checkpoint (EMA or raw)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):  # checked before the checkpointer, which would create the folder
+      raise CheckpointError(f"No checkpoint in {os.path.abspath(directory)}: train first with train.py --workdir, "
+                            "pass the workdir of a trained run, or set model.init_from to PyTorch weights.")
     checkpointer = self.checkpointer(workdir)
     state = checkpointer.restore(self.abstract_state_with_sharding())
     checkpointer.close()
@@ -76,30 +81,10 @@ class Experiment:
     return mesh_lib.host_to_mesh(batch, self.batch_sharding, process_local=True)
 
 
-def _check_config(config):
-  t = config.train
-  n = jax.device_count()
-  if t.batch_size <= 0 or t.batch_size % n:
-    raise ConfigError(f"train.batch_size={t.batch_size} must be a positive multiple of the {n} devices.")
-  if t.grad_accum_steps < 1 or t.batch_size % (t.grad_accum_steps * n):
-    raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum_steps={t.grad_accum_steps} "
-                      f"micro-batches of a multiple of the {n} devices each.")
-  if t.batch_size % jax.process_count():
-    raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {jax.process_count()} processes.")
-  if t.num_steps < 0:
-    raise ConfigError(f"train.num_steps must be >= 0, got {t.num_steps}.")
-  if not 0 <= t.ema_decay < 1:
-    raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}.")
-  for key in ("log_every", "checkpoint_every"):
-    if t[key] <= 0:
-      raise ConfigError(f"train.{key} must be >= 1, got {t[key]}.")
-  if config.sample.per_device_batch_size <= 0:
-    raise ConfigError(f"sample.per_device_batch_size must be >= 1, got {config.sample.per_device_batch_size}.")
-
-
-def build(config) -> Experiment:
-  """Checks the config and builds the model, diffusion, optimizer and mesh it describes."""
-  _check_config(config)
+def build(config, *, job: str | None = None) -> Experiment:
+  """Checks the config (for `job` on these devices) and builds the model, diffusion, optimizer and mesh."""
+  config_schema.validate(config)
+  config_schema.validate_for_devices(config, job=job)
   d = config.data
   num_classes = 0
   if config.model.class_conditional and config.model.num_classes > 0:
@@ -115,7 +100,8 @@ def build(config) -> Experiment:
                               out_channels=d.channels * diffusion.output_channels_factor,
                               num_classes=num_classes or None)
   tx = make_optimizer(learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
-                      grad_clip=config.train.grad_clip, skip_nonfinite=config.train.skip_nonfinite_steps)
+                      grad_clip=config.train.grad_clip, skip_nonfinite=config.train.skip_nonfinite_steps,
+                      schedule=config.train.lr_schedule, num_steps=config.train.num_steps)
   mesh = mesh_lib.make_mesh(config.mesh)
   exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh)
   exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)

@@ -50,7 +50,7 @@ def make_train_step(exp: experiment_lib.Experiment):
       base_key=jax.random.fold_in(jax.random.key(exp.config.seed), 1), ema_decay=exp.config.train.ema_decay,
       class_conditional=bool(exp.num_classes),
       loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
-      vlb_weight=exp.config.diffusion.vlb_weight,
+      vlb_weight=exp.config.diffusion.vlb_weight, min_snr_gamma=exp.config.diffusion.min_snr_gamma,
       timestep_sampler=parse_timestep_sampler(exp.config.train.timestep_sampler),
       grad_accum_steps=exp.config.train.grad_accum_steps)
   return jax.jit(step, donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding),
@@ -81,7 +81,7 @@ def _write_grid(exp, sample_fn, params, workdir: str, step: int) -> str:
 
 def run(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns a summary of the run."""
-  exp = experiment_lib.build(config)
+  exp = experiment_lib.build(config, job="train")
   checkpointer = exp.checkpointer(workdir)
   state = checkpointer.restore(exp.abstract_state_with_sharding())
   resumed = state is not None

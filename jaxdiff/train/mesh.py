@@ -34,8 +34,8 @@ def initialize_distributed(dist_cfg):
     return
   kwargs = {}
   if address:
-    if dist_cfg.num_processes is None or dist_cfg.process_id is None:
-      raise ConfigError("distributed.coordinator_address needs distributed.num_processes and distributed.process_id "
+    if dist_cfg.num_processes is None or dist_cfg.process_id is None:  # e.g. JAX_COORDINATOR_ADDRESS alone
+      raise ConfigError("a coordinator address needs distributed.num_processes and distributed.process_id "
                         "(or set distributed.auto=True on a TPU pod or SLURM job).")
     kwargs = dict(coordinator_address=address, num_processes=dist_cfg.num_processes,
                   process_id=dist_cfg.process_id)
@@ -46,14 +46,8 @@ def initialize_distributed(dist_cfg):
 
 def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
   """A (data, fsdp) mesh over every device of every process; data=-1 takes what fsdp leaves."""
-  n = jax.device_count()
-  fsdp = mesh_cfg.fsdp
-  if fsdp < 1 or n % fsdp:
-    raise ConfigError(f"mesh.fsdp={fsdp} must be a positive divisor of the {n} devices.")
-  data = n // fsdp if mesh_cfg.data == -1 else mesh_cfg.data
-  if data * fsdp != n:
-    raise ConfigError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={fsdp} must equal the {n} devices: "
-                      "set mesh.data=-1 to use all of them.")
+  fsdp = mesh_cfg.fsdp  # checked against the devices by config_schema.validate_for_devices
+  data = jax.device_count() // fsdp if mesh_cfg.data == -1 else mesh_cfg.data
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 

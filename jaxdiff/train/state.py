@@ -21,13 +21,21 @@ class TrainState:
   loss_history: LossHistory  # read only by the loss_second_moment timestep sampler
 
 
-def make_optimizer(*, learning_rate: float, warmup_steps: int, grad_clip: float,
-                   skip_nonfinite: bool = False) -> optax.GradientTransformation:
-  """Adam with linear warmup to a constant rate and global-norm gradient clipping (the DDPM recipe).
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int, grad_clip: float, skip_nonfinite: bool = False,
+                   schedule: str = "constant", num_steps: int = 0) -> optax.GradientTransformation:
+  """Adam with linear warmup, then a constant rate (the DDPM recipe) or a cosine decay to 0 at `num_steps`, and
+  global-norm gradient clipping.
 
   With skip_nonfinite, a step whose gradients hold a NaN or Inf leaves the parameters and Adam's moments unchanged.
   """
-  schedule = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
+  warmup = max(warmup_steps, 1)
+  if schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(num_steps, warmup + 1))
+  else:
+    schedule = optax.linear_schedule(0.0, learning_rate, warmup)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
   tx = optax.chain(*parts, optax.adam(schedule))
   # The loop stops a run after too many skipped steps in a row, so optax's own limit is never the one that acts.
@@ -54,7 +62,8 @@ def _micro_batches(tree, count: int):
 def train_step(state: TrainState, batch: dict, *, apply_fn: Callable, diffusion: GaussianDiffusion,
                tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float,
                class_conditional: bool, loss_type: LossType = LossType.MSE, vlb_weight: float = 1e-3,
-               timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM, grad_accum_steps: int = 1):
+               timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM, grad_accum_steps: int = 1,
+               min_snr_gamma: float = 0.0):
   """One optimisation step: draw t, x_t = q_sample, minimise `loss_type` (importance-weighted for a non-uniform t).
 
   With grad_accum_steps > 1 the batch is processed in that many micro-batches whose gradients are summed, so
@@ -77,7 +86,7 @@ def train_step(state: TrainState, batch: dict, *, apply_fn: Callable, diffusion:
     labels = mb["labels"] if class_conditional else None
     out = apply_fn({"params": params}, x_t, mb["t"], labels, train=True, rngs={"dropout": dropout_key})
     losses = diffusion.training_losses(out, mb["x0"], x_t, mb["t"], mb["noise"], loss_type=loss_type,
-                                       vlb_weight=vlb_weight)
+                                       vlb_weight=vlb_weight, min_snr_gamma=min_snr_gamma)
     # Normalised by the whole batch, so summing micro-batch values gives the batch mean.
     return jnp.sum(losses.loss * mb["weights"]) / batch_size, losses
 

@@ -1,0 +1,273 @@
+"""Every config key's rule (type, range, allowed values) and the constraints between keys, checked in one place.
+
+`validate(config)` runs before a job does anything (the CLIs call it before jax.distributed starts, and
+experiment.build calls it and then `validate_for_devices(config, job=...)`): a bad value stops with one ConfigError
+naming the key and the fix. `SCHEMA` must list exactly the keys of configs/default.py; a key
+that a later feature adds gets its rule here (tests/test_config_schema.py fails until it does), and each rule knows a
+bad value, so the test can show that every key is checked.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable
+
+from jaxdiff.errors import ConfigError
+
+JOBS = ("train", "sample", "likelihood", "convert")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A predicate on one value, the words that say what it accepts, and a value it refuses (for the tests)."""
+  accepts: Callable[[Any], bool]
+  expected: str
+  bad: str  # as written on the command line: --config.<key>=<bad>
+  optional: bool = False  # None (an unset placeholder) is accepted
+
+  def check(self, key: str, value):
+    if value is None and self.optional:
+      return
+    try:
+      ok = value is not None and self.accepts(value)
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ConfigError(f"{key}={value!r} is not valid: use {self.expected} (--config.{key}=...).")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(low: int, high: int | None = None, *, optional: bool = False) -> Rule:
+  words = (f"an integer >= {low}" if high is None else str(low) if low == high else
+           f"an integer in [{low}, {high}]")
+  return Rule(lambda v: _is_int(v) and v >= low and (high is None or v <= high), words, str(low - 1), optional)
+
+
+def number(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> Rule:
+  def accepts(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if low_open else v >= low)
+            and (high is None or (v < high if high_open else v <= high)))
+  words = f"a number {'>' if low_open else '>='} {low}" + (
+      "" if high is None else f" and {'<' if high_open else '<='} {high}")
+  return Rule(accepts, words, str(low - 1))
+
+
+def boolean() -> Rule:
+  return Rule(lambda v: isinstance(v, bool), "True or False", "maybe")
+
+
+def choice(values) -> Rule:
+  values = tuple(values)
+  bad = str(max(values) + 1) if all(_is_int(v) for v in values) else "nope"  # refused, yet of the key's type
+  return Rule(lambda v: v in values and type(v) is type(values[0]), f"one of {', '.join(map(repr, values))}", bad)
+
+
+def text(*, optional: bool = False, pattern: str = r".+", words: str = "a non-empty string", bad: str = "") -> Rule:
+  return Rule(lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None, words, bad, optional)
+
+
+def path(*, exists: bool, optional: bool = True) -> Rule:
+  """A file or folder path; with exists, it must be there when the job starts."""
+  if exists:
+    return Rule(lambda v: isinstance(v, str) and os.path.exists(v), "a path that exists", "/nonexistent/jaxdiff",
+                optional)
+  return Rule(lambda v: isinstance(v, str) and v != "" and not os.path.isfile(v), "a folder path (not a file)",
+              os.path.abspath(__file__), optional)
+
+
+def integers(low: int, *, allow_empty: bool = False) -> Rule:
+  def accepts(v):
+    return isinstance(v, (tuple, list)) and (allow_empty or len(v) > 0) and all(_is_int(x) and x >= low for x in v)
+  return Rule(accepts, f"a {'' if allow_empty else 'non-empty '}tuple of integers >= {low}", f"({low - 1},)")
+
+
+def either(*rules: Rule) -> Rule:
+  return Rule(lambda v: any(r.accepts(v) for r in rules), " or ".join(r.expected for r in rules), rules[0].bad)
+
+
+def _schema() -> dict[str, Rule]:
+  # Imported here so importing this module stays light; the choices live beside the code that uses them.
+  from jaxdiff.diffusion import gaussian, samplers, schedules, timesteps
+  from jaxdiff.models import DTYPES
+  from jaxdiff.models.layers import DOWNSAMPLE_PADDINGS
+  from jaxdiff.train.state import LR_SCHEDULES
+  seed = integer(0, 2 ** 32 - 1)
+  return {
+      "seed": seed,
+      "mesh.data": either(integer(-1, -1), integer(1)),
+      "mesh.fsdp": integer(1),
+      "distributed.coordinator_address": text(optional=True, pattern=r"[^:\s]+:\d+", words="host:port",
+                                              bad="no-port"),
+      "distributed.num_processes": integer(1, optional=True),
+      "distributed.process_id": integer(0, optional=True),
+      "distributed.auto": boolean(),
+      "distributed.timeout_seconds": integer(1),
+      "data.name": text(),
+      "data.data_dir": path(exists=False),
+      "data.image_dir": path(exists=True),
+      "data.split": text(),
+      "data.image_size": integer(1),
+      "data.channels": choice((1, 3)),
+      "data.random_flip": boolean(),
+      "model.base_channels": integer(1),
+      "model.channel_mult": Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(
+          isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
+                                 "a non-empty tuple of positive numbers", "()"),
+      "model.num_res_blocks": either(integer(1), integers(1)),
+      "model.attention_resolutions": integers(1, allow_empty=True),
+      "model.num_heads": integer(1),
+      "model.num_head_channels": either(integer(-1, -1), integer(1)),
+      "model.legacy_qkv_order": boolean(),
+      "model.use_scale_shift_norm": boolean(),
+      "model.resblock_updown": boolean(),
+      "model.dropout": number(0, 1, high_open=True),
+      "model.norm_groups": integer(1),
+      "model.norm_eps": number(0, 1, low_open=True, high_open=True),
+      "model.conv_resample": boolean(),
+      "model.downsample_padding": choice(sorted(DOWNSAMPLE_PADDINGS)),
+      "model.flip_sin_to_cos": boolean(),
+      "model.freq_shift": number(0),
+      "model.mid_block_scale_factor": number(0, low_open=True),
+      "model.patch_size": integer(1),
+      "model.class_conditional": boolean(),
+      "model.num_classes": integer(0),
+      "model.init_from": path(exists=True),
+      "model.dtype": choice(sorted(DTYPES)),
+      "model.param_dtype": choice(sorted(DTYPES)),
+      "model.remat": boolean(),
+      "diffusion.num_timesteps": integer(1),
+      "diffusion.schedule": choice(schedules.SCHEDULES),
+      "diffusion.beta_start": number(0, 1, low_open=True, high_open=True),
+      "diffusion.beta_end": number(0, 1, low_open=True, high_open=True),
+      "diffusion.mean_type": choice(m.value for m in gaussian.MeanType),
+      "diffusion.var_type": choice(m.value for m in gaussian.VarType),
+      "diffusion.loss": choice(m.value for m in gaussian.LossType),
+      "diffusion.vlb_weight": number(0, low_open=True),
+      "diffusion.min_snr_gamma": number(0),
+      "train.batch_size": integer(1),
+      "train.num_steps": integer(0),
+      "train.learning_rate": number(0, low_open=True),
+      "train.warmup_steps": integer(0),
+      "train.lr_schedule": choice(LR_SCHEDULES),
+      "train.grad_clip": number(0),
+      "train.grad_accum_steps": integer(1),
+      "train.skip_nonfinite_steps": boolean(),
+      "train.max_consecutive_skips": integer(0),
+      "train.ema_decay": number(0, 1, high_open=True),
+      "train.log_every": integer(1),
+      "train.checkpoint_every": integer(1),
+      "train.keep_checkpoints": integer(1),
+      "train.sample_every": integer(0),
+      "train.num_grid_samples": integer(1),
+      "train.timestep_sampler": choice(m.value for m in timesteps.TimestepSampler),
+      "sample.num_samples": integer(1),
+      "sample.per_device_batch_size": integer(1),
+      "sample.clip_denoised": boolean(),
+      "sample.use_ema": boolean(),
+      "sample.seed": seed,
+      "sample.sampler": choice(samplers.SAMPLERS),
+      "sample.timestep_respacing": Rule(lambda v: isinstance(v, str), "'', 'N', 'N1,N2,...' or 'ddimN'", "abc"),
+      "sample.eta": number(0),
+      "likelihood.num_batches": integer(1),
+      "likelihood.batch_size": integer(1),
+      "likelihood.split": text(),
+      "likelihood.seed": seed,
+      "likelihood.use_ema": boolean(),
+      "likelihood.clip_denoised": boolean(),
+  }
+
+
+SCHEMA = None
+
+
+def schema() -> dict[str, Rule]:
+  global SCHEMA
+  if SCHEMA is None:
+    SCHEMA = _schema()
+  return SCHEMA
+
+
+def flatten(config) -> dict[str, Any]:
+  """{dotted key: value} of every leaf of a ConfigDict (or dict)."""
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _cross_checks(config):
+  """Constraints between keys. Pure Python and NumPy: no JAX backend starts, so it runs before jax.distributed."""
+  d, m, dist = config.data, config.model, config.distributed
+  if dist.coordinator_address and (dist.num_processes is None or dist.process_id is None):
+    raise ConfigError("distributed.coordinator_address needs distributed.num_processes and distributed.process_id "
+                      "(or set distributed.auto=True on a TPU pod or SLURM job).")
+  if dist.num_processes is not None and dist.process_id is not None and dist.process_id >= dist.num_processes:
+    raise ConfigError(f"distributed.process_id={dist.process_id} must be below distributed.num_processes="
+                      f"{dist.num_processes}.")
+  from jaxdiff.data.pipeline import IMAGE_FOLDER
+  if d.name == IMAGE_FOLDER and not d.image_dir:
+    raise ConfigError(f"data.name={IMAGE_FOLDER!r} needs a folder of images: set --config.data.image_dir.")
+  if d.image_dir and d.name != IMAGE_FOLDER:
+    raise ConfigError(f"data.image_dir is only read with data.name={IMAGE_FOLDER!r}: set that, or unset image_dir.")
+  # The schedule, sampler and network check the rest of their sections as they are built.
+  from jaxdiff.diffusion import gaussian, get_sampler, schedules
+  betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps,
+                              beta_start=config.diffusion.beta_start, beta_end=config.diffusion.beta_end)
+  schedules.space_timesteps(len(betas), config.sample.timestep_respacing)
+  var_type = gaussian.VarType(config.diffusion.var_type)
+  gaussian.parse_loss(config.diffusion.loss, var_type)
+  get_sampler(config.sample.sampler, eta=config.sample.eta)
+  from jaxdiff import models
+  factor = 2 if var_type == gaussian.VarType.LEARNED_RANGE else 1
+  models.create_model(m, image_size=d.image_size, in_channels=d.channels, out_channels=d.channels * factor,
+                      num_classes=(m.num_classes or 2) if m.class_conditional else None)
+
+
+def validate(config):
+  """Raises ConfigError for the first bad key: unknown or missing keys, then each key's rule, then the constraints
+  between keys. Starts no JAX backend."""
+  values = flatten(config)
+  rules = schema()
+  unknown = sorted(set(values) - set(rules))
+  if unknown:
+    raise ConfigError(f"unknown config key {unknown[0]!r}: configs start from configs/default.py, which lists every "
+                      "key; check the spelling.")
+  missing = sorted(set(rules) - set(values))
+  if missing:
+    raise ConfigError(f"the config lacks {missing[0]!r}: build it from configs/default.py's get_config().")
+  for key, rule in rules.items():
+    rule.check(key, values[key])
+  _cross_checks(config)
+
+
+def validate_for_devices(config, *, job: str | None):
+  """The constraints of a job on this run's devices and processes (job None: only the mesh's)."""
+  if job is not None and job not in JOBS:
+    raise ValueError(f"unknown job {job!r}")
+  import jax
+  n, processes = jax.device_count(), jax.process_count()
+  fsdp, data = config.mesh.fsdp, config.mesh.data
+  if n % fsdp:
+    raise ConfigError(f"mesh.fsdp={fsdp} must be a divisor of the {n} devices.")
+  if data != -1 and data * fsdp != n:
+    raise ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices: set mesh.data=-1 to use all "
+                      "of them.")
+  if job == "train":
+    t = config.train
+    if t.batch_size % n or t.batch_size % processes:
+      raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the {n} devices and the {processes} "
+                        "processes.")
+    if t.batch_size % (t.grad_accum_steps * n):
+      raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum_steps="
+                        f"{t.grad_accum_steps} micro-batches of a multiple of the {n} devices each.")
+  if job == "likelihood":
+    size = config.likelihood.batch_size
+    if size % n or size % processes:
+      raise ConfigError(f"likelihood.batch_size={size} must be a multiple of the {n} devices and the {processes} "
+                        "processes.")
