@@ -3,8 +3,8 @@
   python benchmarks/sampler_grids.py --config configs/ddpm_mnist.py --workdir runs/mnist \
       --settings ancestral:1000,ddim:10,ddim:25,ddim:50,ddim:250,dpm_solver++:10,dpm_solver++:25
 
-Writes `<workdir>/sampler_grids/<sampler>_<steps>.png` (sample i is drawn from the same key in every grid) and
-prints a markdown table of the time each setting took.
+Writes `<workdir>/sampler_grids/<sampler>_<steps>.png` (sample i is drawn from the same key in every grid), all of
+them titled on one page (`all.png`, a row per sampler), and prints a markdown table of the time each setting took.
 """
 
 import os
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxdiff import cli  # noqa: E402
 
-flags.DEFINE_string("settings", "ancestral:1000,ddim:10,ddim:25,ddim:50,ddim:250,dpm_solver++:10,dpm_solver++:25,"
+flags.DEFINE_string("settings", "ancestral:1000,ancestral:250,ddim:10,ddim:25,ddim:50,ddim:250,dpm_solver++:10,dpm_solver++:25,"
                     "dpm_solver++:50,dpm_solver++:250", "Comma-separated sampler:steps pairs.")
 flags.DEFINE_integer("num_samples", 64, "Images per grid.")
 
@@ -28,6 +28,26 @@ def respacing(sampler: str, steps: int, num_timesteps: int) -> str:
   if steps == num_timesteps:
     return ""
   return f"ddim{steps}" if sampler != "ancestral" else str(steps)
+
+
+def montage(grids: list[tuple[str, str]], out_dir: str) -> str:
+  """The titled grids on one page, a row per sampler (at most four grids a row)."""
+  from PIL import Image, ImageDraw
+  rows = []
+  for title, path in grids:
+    sampler = title.split()[0]
+    if not rows or rows[-1][0] != sampler or len(rows[-1][1]) == 4:
+      rows.append((sampler, []))
+    rows[-1][1].append((title, Image.open(path).convert("L")))
+  cell_w = max(im.width for _, row in rows for _, im in row) + 12
+  cell_h = max(im.height for _, row in rows for _, im in row) + 20
+  page = Image.new("L", (4 * cell_w, len(rows) * cell_h), 255)
+  draw = ImageDraw.Draw(page)
+  for r, (_, row) in enumerate(rows):
+    for c, (title, im) in enumerate(row):
+      draw.text((c * cell_w, r * cell_h + 2), title, fill=0)
+      page.paste(im, (c * cell_w, r * cell_h + 16))
+  return page.save(os.path.join(out_dir, "all.png")) or os.path.join(out_dir, "all.png")
 
 
 def main(argv):
@@ -59,6 +79,7 @@ def main(argv):
     seconds = time.time() - start  # includes compilation, once per setting
     path = sampling.save_grid(images[:flags.FLAGS.num_samples], os.path.join(out_dir, f"{name}_{steps}.png"))
     rows.append((name, steps, seconds, path))
+  print(f"all grids: {montage([(f'{name} {steps} steps', path) for name, steps, _, path in rows], out_dir)}")
   print("| sampler | steps | seconds (incl. compile) | grid |\n|---|---|---|---|")
   for name, steps, seconds, path in rows:
     print(f"| {name} | {steps} | {seconds:.1f} | {path} |")

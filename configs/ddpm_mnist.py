@@ -70,6 +70,7 @@ def apply_smoke(config):
   config.train.batch_size = 8
   config.train.num_steps = 4
   config.train.warmup_steps = 1
+  config.train.lr_schedule = "constant"  # tests extend and resume smoke runs: a cosine decay would follow num_steps
   config.train.log_every = 2
   config.train.checkpoint_every = 2
   config.train.sample_every = 0

@@ -26,21 +26,23 @@ def test_train_then_sample(tfds_dir, tmp_path):
   out = sampling.run(config, str(tmp_path))
   with np.load(out["npz"]) as f:
     images = f["arr_0"]
-    assert "arr_1" not in f
+    assert f["arr_1"].tolist() == [i % 10 for i in range(config.sample.num_samples)]  # the main job is conditional
   assert images.shape == (config.sample.num_samples, 28, 28, 1) and images.dtype == np.uint8
   assert images.std() > 0 and os.path.exists(out["grid"])
 
 
 def test_loss_falls_when_training_longer(tfds_dir, tmp_path):
   config = smoke_config(tfds_dir, **{"train.num_steps": 40, "train.log_every": 1, "train.checkpoint_every": 40,
-                                     "train.learning_rate": 2e-3, "train.num_grid_samples": 1})
+                                     "train.learning_rate": 2e-3, "train.num_grid_samples": 1,
+                                     # the unweighted loss: Min-SNR weights start it low (tested in test_diffusion)
+                                     "diffusion.min_snr_gamma": 0.0})
   from tensorboard.backend.event_processing import event_accumulator
   summary = loop.run(config, str(tmp_path))
   acc = event_accumulator.EventAccumulator(summary["tensorboard"])
   acc.Reload()
   losses = [e.value for e in acc.Scalars("train/loss")]
   assert len(losses) == 40
-  assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), losses
+  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses  # an untrained network stays near 1.0
 
 
 def test_class_conditional_samples_carry_labels(tfds_dir, tmp_path):
@@ -136,6 +138,7 @@ def test_unreadable_image_is_named(tfds_dir, tmp_path):
   for i in range(8):
     Image.fromarray(np.full((30, 30), i * 30, np.uint8)).save(images / f"{i}.png")
   (images / "broken.png").write_bytes(b"not a png")
-  config = smoke_config(tfds_dir, **{"data.name": "image_folder", "data.image_dir": str(images)})
+  config = smoke_config(tfds_dir, **{"data.name": "image_folder", "data.image_dir": str(images),
+                                     "model.class_conditional": False})
   with pytest.raises(DataError, match="broken.png"):
     loop.run(config, str(tmp_path / "work"))
