@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.linalg
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxdiff.evaluation import metrics  # noqa: E402
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")
 CONFIDENT = 0.9
@@ -116,15 +119,6 @@ def outputs(params, images, batch=500):
   return np.concatenate(probs), np.concatenate(feats)
 
 
-def frechet(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-  mu_a, mu_b = a.mean(0), b.mean(0)
-  # ReLU features have dead units: a small ridge keeps the product's square root well defined.
-  cov_a = np.cov(a, rowvar=False) + eps * np.eye(a.shape[1])
-  cov_b = np.cov(b, rowvar=False) + eps * np.eye(b.shape[1])
-  root = scipy.linalg.sqrtm(cov_a @ cov_b)
-  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * np.real(root)))
-
-
 def blur(images):
   """A one-pixel box blur (3x3 mean), as a reference for how far a slightly wrong image set lands."""
   x = np.pad(images[..., 0].astype(np.float64), 1, mode="edge")[1:-1]
@@ -147,7 +141,7 @@ def report(name, images, labels=None, *, params, real_features, train_images, co
   counts = np.bincount(predicted, minlength=10)
   nearest = nearest_distance(images, train_images)
   row = dict(name=name, n=len(images), confident=float((probs.max(1) >= CONFIDENT).mean()),
-             balance=float(counts.min() / counts.max()), fd=frechet(feats, real_features), counts=counts,
+             balance=float(counts.min() / counts.max()), fd=metrics.frechet_distance(metrics.Statistics.of(feats), real_features), counts=counts,
              nearest=float(np.median(nearest)), copies=float((nearest < copy_threshold).mean()))
   if labels is not None:
     row["accuracy"] = float((predicted == labels).mean())
@@ -163,7 +157,7 @@ def main(argv=None):
   # FD is measured against one half of the held-out digits (50 per class); the other half gives the floor that
   # finite samples of real digits reach, and its blurred copy a visibly wrong set.
   half = np.arange(len(held_labels)) % 100 < 50
-  _, real_features = outputs(params, held_images[half])
+  real_features = metrics.Statistics.of(outputs(params, held_images[half])[1])
   measure = functools.partial(report, params=params, real_features=real_features, train_images=train_images,
                               copy_threshold=np.percentile(nearest_distance(held_images, train_images), 1))
   rows = [measure("real held-out digits (other half)", images=held_images[~half], labels=held_labels[~half]),
