@@ -37,6 +37,9 @@ SKIPPED = {  # a substring of the command: why it does not run here, and what co
     "--config ... --workdir ...": "a template, not a command",
     "--workdir runs/adm64": "samples the converted released weights of the skipped command above",
     "readme_commands.py": "this script",
+    "_classifier.pt": "needs guided-diffusion's released classifiers (tests/test_convert_cli.py samples ADM-G from "
+                      "fixture files)",
+    "guidance_demo.py": "a demo of half an hour (tests/test_benchmarks.py runs it with --smoke)",
 }
 
 

@@ -46,7 +46,21 @@ def apply_adm(config, *, image_size, channels, channel_mult, num_res_blocks, num
   config.diffusion.var_type = "learned_range"
   config.diffusion.loss = "hybrid"  # learned sigma is trained by the VLB term (guided-diffusion's rescaled MSE)
   config.train.ema_decay = 0.9999
+  apply_released_classifier(config, image_size)
   return config
+
+
+# guided-diffusion's create_classifier: channel multipliers by image size; the 64x64 release has depth 4.
+CLASSIFIER_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4), 512: (0.5, 1, 1, 2, 2, 4, 4)}
+
+
+def apply_released_classifier(config, image_size):
+  """The classifier section of guided-diffusion's released noisy classifiers (CLASSIFIER_FLAGS of its README), so
+  sample.classifier_from=<size>x<size>_classifier.pt reads them: the defaults of configs/default.py (width 128,
+  attention at 32/16/8 with 64 channels per head in the legacy order, scale-shift norm, BigGAN down-sampling,
+  attention pool) with the multipliers and depth of this image size."""
+  config.classifier.channel_mult = CLASSIFIER_MULT[image_size]
+  config.classifier.num_res_blocks = 4 if image_size == 64 else 2
 
 
 def apply_adm_smoke(config):
@@ -57,6 +71,9 @@ def apply_adm_smoke(config):
   ddpm_mnist.apply_smoke(config)
   config.model.num_classes = 0  # the digits' 10 classes
   config.model.num_head_channels = 8
+  c = config.classifier
+  c.base_channels, c.channel_mult, c.num_res_blocks = 32, (1, 2), 1
+  c.attention_resolutions, c.num_head_channels, c.norm_groups = (16,), 16, 8
   return config
 
 

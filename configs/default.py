@@ -6,6 +6,7 @@ from ml_collections import config_dict
 
 def get_config():
   config = ml_collections.ConfigDict()
+  config.job = "diffusion"  # what train.py trains: diffusion | classifier (a noisy classifier for guidance)
   config.seed = 0
 
   config.mesh = mesh = ml_collections.ConfigDict()
@@ -27,6 +28,7 @@ def get_config():
   data.image_size = 28
   data.channels = 1
   data.random_flip = False
+  data.random_crop = False  # resize by a random factor in [1, 1.25] and crop at random (guided-diffusion's)
 
   config.model = model = ml_collections.ConfigDict()
   model.base_channels = 128
@@ -82,6 +84,26 @@ def get_config():
   train.sample_every = 20_000
   train.num_grid_samples = 64
   train.timestep_sampler = "uniform"  # uniform | loss_second_moment (importance sampling of t)
+  train.weight_decay = 0.0  # > 0: AdamW with this decoupled weight decay (guided-diffusion's classifiers: 0.05)
+  train.cond_drop_prob = 0.0  # classifier-free guidance: drop the class to a learned null class this often
+
+  # The noisy classifier: trained with config.job="classifier", read for classifier guidance when sampling.
+  # Defaults: guided-diffusion's released classifiers (legacy QKV order in the blocks, attention pool).
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.base_channels = 128
+  classifier.channel_mult = (1, 2, 3, 4)
+  classifier.num_res_blocks = 2
+  classifier.attention_resolutions = (32, 16, 8)
+  classifier.num_heads = 1
+  classifier.num_head_channels = 64
+  classifier.legacy_qkv_order = True
+  classifier.use_scale_shift_norm = True
+  classifier.resblock_updown = True
+  classifier.pool = "attention"  # attention | adaptive | spatial | spatial_v2
+  classifier.norm_groups = 32
+  classifier.dropout = 0.0
+  classifier.eval_split = ""  # held-out split evaluated at train.sample_every and at the end ("" = none)
+  classifier.eval_batches = 8  # batches of train.batch_size in each evaluation
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64
@@ -92,6 +114,12 @@ def get_config():
   sample.sampler = "ancestral"  # ancestral | ddim | dpm_solver++
   sample.timestep_respacing = ""  # "" = all training steps; "250", "ddim50" or per-section "10,15,20"
   sample.eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+  sample.labels = "cycle"  # classes of the samples: cycle (i mod classes) | fixed (sample.class_label) | random
+  sample.class_label = 0  # with labels="fixed"
+  sample.guidance_scale = 1.0  # classifier-free guidance w (needs train.cond_drop_prob > 0): 1 off, 0 unconditional
+  sample.classifier_scale = 0.0  # classifier guidance s (0 = off), with a classifier from one of:
+  sample.classifier_workdir = config_dict.placeholder(str)  # a workdir trained with config.job="classifier"
+  sample.classifier_from = config_dict.placeholder(str)  # a guided-diffusion classifier .pt/.safetensors
 
   config.likelihood = likelihood = ml_collections.ConfigDict()  # python -m jaxdiff.likelihood
   likelihood.num_batches = 4

@@ -114,8 +114,13 @@ def _report(job: str, summary: dict, workdir: str):
   if job == "train" and summary["preempted"]:
     print(f"Preempted at step {summary['step']} and saved to {summary['checkpoints']}: rerun to resume.")
   elif job == "train":
-    print(f"EMA sample grid: {summary['grid']}\ncheckpoints:     {summary['checkpoints']}\n"
-          f"TensorBoard:     tensorboard --logdir {summary['tensorboard']}")
+    if summary.get("evaluation"):
+      e = summary["evaluation"]
+      print(f"held-out accuracy: {e['accuracy']:.3f} (quarters of t, low to high noise: "
+            f"{', '.join(format(e[f'accuracy_q{q}'], '.3f') for q in range(4))}) in {summary['evaluation_file']}")
+    elif summary.get("grid"):
+      print(f"EMA sample grid: {summary['grid']}")
+    print(f"checkpoints:     {summary['checkpoints']}\nTensorBoard:     tensorboard --logdir {summary['tensorboard']}")
   elif job == "sample":
     print(f"sample grid: {summary['grid']}\nsamples:     {summary['npz']}")
   os.makedirs(workdir, exist_ok=True)
@@ -142,7 +147,7 @@ def main(argv, *, job: str, flag_values: flags.FlagValues = FLAGS):
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     fail(f"--workdir={workdir} is a file: pass a folder (it is created if missing).")
   try:
-    config_schema.validate(config)  # before anything starts or is written
+    config_schema.validate(config, job=job)  # before anything starts or is written
     run = _job_function(job, flag_values)
     mesh_lib.initialize_distributed(config.distributed)
     summary = run(config, workdir)

@@ -15,6 +15,9 @@ from typing import Any, Callable
 from jaxdiff.errors import ConfigError
 
 JOBS = ("train", "sample", "likelihood", "convert")
+# What `config.job` trains (train.py); the other CLI jobs run diffusion models only.
+NETWORK_JOBS = ("diffusion", "classifier")
+LABEL_MODES = ("cycle", "fixed", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +91,36 @@ def either(*rules: Rule) -> Rule:
   return Rule(lambda v: any(r.accepts(v) for r in rules), " or ".join(r.expected for r in rules), rules[0].bad)
 
 
+def network_rules(section: str) -> dict[str, Rule]:
+  """The keys the UNet (`model`) and the noisy classifier (`classifier`) share: their common trunk."""
+  channel_mult = Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(
+      isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
+                      "a non-empty tuple of positive numbers", "()")
+  rules = {
+      "base_channels": integer(1),
+      "channel_mult": channel_mult,
+      "num_res_blocks": either(integer(1), integers(1)),
+      "attention_resolutions": integers(1, allow_empty=True),
+      "num_heads": integer(1),
+      "num_head_channels": either(integer(-1, -1), integer(1)),
+      "legacy_qkv_order": boolean(),
+      "use_scale_shift_norm": boolean(),
+      "resblock_updown": boolean(),
+      "dropout": number(0, 1, high_open=True),
+      "norm_groups": integer(1),
+  }
+  return {f"{section}.{key}": rule for key, rule in rules.items()}
+
+
 def _schema() -> dict[str, Rule]:
   # Imported here so importing this module stays light; the choices live beside the code that uses them.
   from jaxdiff.diffusion import gaussian, samplers, schedules, timesteps
-  from jaxdiff.models import DTYPES
+  from jaxdiff.models import DTYPES, POOLS
   from jaxdiff.models.layers import DOWNSAMPLE_PADDINGS
   from jaxdiff.train.state import LR_SCHEDULES
   seed = integer(0, 2 ** 32 - 1)
   return {
+      "job": choice(NETWORK_JOBS),
       "seed": seed,
       "mesh.data": either(integer(-1, -1), integer(1)),
       "mesh.fsdp": integer(1),
@@ -112,19 +137,8 @@ def _schema() -> dict[str, Rule]:
       "data.image_size": integer(1),
       "data.channels": choice((1, 3)),
       "data.random_flip": boolean(),
-      "model.base_channels": integer(1),
-      "model.channel_mult": Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(
-          isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
-                                 "a non-empty tuple of positive numbers", "()"),
-      "model.num_res_blocks": either(integer(1), integers(1)),
-      "model.attention_resolutions": integers(1, allow_empty=True),
-      "model.num_heads": integer(1),
-      "model.num_head_channels": either(integer(-1, -1), integer(1)),
-      "model.legacy_qkv_order": boolean(),
-      "model.use_scale_shift_norm": boolean(),
-      "model.resblock_updown": boolean(),
-      "model.dropout": number(0, 1, high_open=True),
-      "model.norm_groups": integer(1),
+      "data.random_crop": boolean(),
+      **network_rules("model"),
       "model.norm_eps": number(0, 1, low_open=True, high_open=True),
       "model.conv_resample": boolean(),
       "model.downsample_padding": choice(sorted(DOWNSAMPLE_PADDINGS)),
@@ -163,6 +177,13 @@ def _schema() -> dict[str, Rule]:
       "train.sample_every": integer(0),
       "train.num_grid_samples": integer(1),
       "train.timestep_sampler": choice(m.value for m in timesteps.TimestepSampler),
+      "train.weight_decay": number(0),
+      "train.cond_drop_prob": number(0, 1, high_open=True),
+      **network_rules("classifier"),
+      "classifier.pool": choice(POOLS),
+      "classifier.eval_split": text(pattern=r"|[A-Za-z][\w\[\]:%+.,\- ]*", bad="0",
+                                    words="a split such as 'validation' or 'train[4500:]', or '' for none"),
+      "classifier.eval_batches": integer(1),
       "sample.num_samples": integer(1),
       "sample.per_device_batch_size": integer(1),
       "sample.clip_denoised": boolean(),
@@ -171,6 +192,12 @@ def _schema() -> dict[str, Rule]:
       "sample.sampler": choice(samplers.SAMPLERS),
       "sample.timestep_respacing": Rule(lambda v: isinstance(v, str), "'', 'N', 'N1,N2,...' or 'ddimN'", "abc"),
       "sample.eta": number(0),
+      "sample.labels": choice(LABEL_MODES),
+      "sample.class_label": integer(0),
+      "sample.guidance_scale": number(0),
+      "sample.classifier_scale": number(0),
+      "sample.classifier_workdir": path(exists=True),
+      "sample.classifier_from": path(exists=True),
       "likelihood.num_batches": integer(1),
       "likelihood.batch_size": integer(1),
       "likelihood.split": text(),
@@ -227,11 +254,38 @@ def _cross_checks(config):
   factor = 2 if var_type == gaussian.VarType.LEARNED_RANGE else 1
   models.create_model(m, image_size=d.image_size, in_channels=d.channels, out_channels=d.channels * factor,
                       num_classes=(m.num_classes or 2) if m.class_conditional else None)
+  _guidance_checks(config)
 
 
-def validate(config):
-  """Raises ConfigError for the first bad key: unknown or missing keys, then each key's rule, then the constraints
-  between keys. Starts no JAX backend."""
+def _guidance_checks(config):
+  """Classifier-free and classifier guidance, and the noisy classifier's network."""
+  m, s, t = config.model, config.sample, config.train
+  if t.cond_drop_prob > 0 and not m.class_conditional and config.job == "diffusion":
+    raise ConfigError(f"train.cond_drop_prob={t.cond_drop_prob} drops the class of a class-conditional model: set "
+                      "--config.model.class_conditional=True, or 0.")
+  if s.guidance_scale != 1 and not m.class_conditional:
+    raise ConfigError(f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model: set "
+                      "--config.model.class_conditional=True, or guidance_scale=1 (use sample.classifier_scale to "
+                      "guide an unconditional model with a classifier).")
+  if s.guidance_scale != 1 and t.cond_drop_prob == 0:
+    raise ConfigError(f"sample.guidance_scale={s.guidance_scale} needs a model trained with a null class: train with "
+                      "--config.train.cond_drop_prob=0.1 (and sample with the same value), or set guidance_scale=1.")
+  if s.classifier_workdir and s.classifier_from:
+    raise ConfigError("set one of sample.classifier_workdir and sample.classifier_from, not both.")
+  if s.classifier_scale > 0 and not (s.classifier_workdir or s.classifier_from):
+    raise ConfigError(f"sample.classifier_scale={s.classifier_scale} needs a classifier: set "
+                      "--config.sample.classifier_workdir (a run of config.job='classifier') or "
+                      "--config.sample.classifier_from (a guided-diffusion classifier file).")
+  # A classifier workdir brings its own network; a classifier file is read as config.classifier describes.
+  if config.job == "classifier" or (s.classifier_scale > 0 and s.classifier_from):
+    from jaxdiff import models
+    models.create_classifier(config.classifier, config.model, image_size=config.data.image_size,
+                             num_classes=max(config.model.num_classes, 2))
+
+
+def validate(config, *, job: str | None = None):
+  """Raises ConfigError for the first bad key: unknown or missing keys, then each key's rule, then whether `job`
+  (the CLI's) runs `config.job`, then the constraints between keys. Starts no JAX backend."""
   values = flatten(config)
   rules = schema()
   unknown = sorted(set(values) - set(rules))
@@ -243,6 +297,9 @@ def validate(config):
     raise ConfigError(f"the config lacks {missing[0]!r}: build it from configs/default.py's get_config().")
   for key, rule in rules.items():
     rule.check(key, values[key])
+  if job in ("sample", "likelihood", "convert") and config.job != "diffusion":
+    raise ConfigError(f"config.job={config.job!r} trains a noisy classifier, and {job} runs diffusion models: use the "
+                      "diffusion model's config, with --config.sample.classifier_workdir=<the classifier's workdir>.")
   _cross_checks(config)
 
 
@@ -250,6 +307,7 @@ def validate_for_devices(config, *, job: str | None):
   """The constraints of a job on this run's devices and processes (job None: only the mesh's)."""
   if job is not None and job not in JOBS:
     raise ValueError(f"unknown job {job!r}")
+
   import jax
   n, processes = jax.device_count(), jax.process_count()
   fsdp, data = config.mesh.fsdp, config.mesh.data

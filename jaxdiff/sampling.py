@@ -25,8 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from jaxdiff import weights
-from jaxdiff.diffusion import create_diffusion, get_sampler
-from jaxdiff.errors import UserError
+from jaxdiff.diffusion import create_diffusion, get_sampler, guidance
+from jaxdiff.errors import ConfigError, UserError
+from jaxdiff.models import conditioning
 from jaxdiff.progress import progress_bar
 from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train import mesh as mesh_lib
@@ -37,9 +38,11 @@ _PARTIAL_PREFIX = ".partial-"
 
 # Config entries that cannot change an image: how many are drawn and how they are batched and laid out, what only
 # training reads (the weights' fingerprint stands for the run that made them), and where the weights were read from.
+# The classifier of classifier guidance joins the identity as the network and weights really used (`classifier`).
 NOT_IN_JOB_IDENTITY = ("seed", "mesh", "distributed", "train", "likelihood", "data.name", "data.data_dir",
-                       "data.image_dir", "data.split", "data.random_flip", "model.init_from",
-                       "sample.per_device_batch_size", "sample.num_samples")
+                       "data.image_dir", "data.split", "data.random_flip", "data.random_crop", "model.init_from",
+                       "sample.per_device_batch_size", "sample.num_samples", "classifier",
+                       "sample.classifier_workdir", "sample.classifier_from")
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -52,56 +55,87 @@ def sample_keys(seed, indices: jax.Array) -> jax.Array:
   return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), indices.astype(jnp.uint32))
 
 
-def class_labels(indices, num_classes: int):
-  """Labels cycling through the classes, so a grid shows every class in order; None when unconditional."""
-  return (indices % num_classes).astype(np.int32) if num_classes else None
+def class_labels(indices, num_classes: int, sample_cfg=None):
+  """The class of each global sample index, as `sample.labels` says: cycling through the classes (so a grid shows
+  every class in order), one fixed class, or drawn from (seed, index) alone; None when there are no classes."""
+  if not num_classes:
+    return None
+  indices = np.asarray(indices)
+  mode = "cycle" if sample_cfg is None else sample_cfg.labels
+  if mode == "fixed":
+    return np.full(indices.shape, sample_cfg.class_label, np.int32)
+  if mode == "random":
+    return np.array([np.random.default_rng([sample_cfg.seed, int(i)]).integers(num_classes) for i in indices],
+                    np.int32)
+  return (indices % num_classes).astype(np.int32)
 
 
 class SampleFn:
   """(params, seed, indices: uint32 [B] host array) -> uint8 images [B, H, W, C] as a global array.
 
-  B must be a multiple of the device count. `jitted` and `device_args` expose the program for benchmarks.
+  B must be a multiple of the device count. `jitted` and `device_args` expose the program for benchmarks. With
+  `classifier` (a (network, params) pair) and sample.classifier_scale > 0, the classifier's gradient guides every
+  step; sample.guidance_scale != 1 runs classifier-free guidance with the model's null class.
   """
 
-  def __init__(self, exp: experiment_lib.Experiment, *, clip_denoised: bool):
+  def __init__(self, exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None):
     s = exp.config.sample
     sampler = get_sampler(s.sampler, eta=s.eta)
     self._replicated = NamedSharding(exp.mesh, P())
     self._batch_sharding = exp.batch_sharding
+    self.num_classes = exp.num_classes or (classifier[0].out_channels if classifier else 0)
+    if self.num_classes and s.labels == "fixed" and s.class_label >= self.num_classes:
+      raise ConfigError(f"sample.class_label={s.class_label} is not a class of this model: use one of 0.."
+                        f"{self.num_classes - 1}.")
+    self._sample_cfg = s
+    self._classifier_params = classifier[1] if classifier else None
     # The process is an argument, not a constant folded into the program.
     self._diffusion = mesh_lib.host_to_mesh(create_diffusion(exp.config.diffusion, s.timestep_respacing),
                                             self._replicated, process_local=False)
+    guidance_scale = float(s.guidance_scale) if exp.num_classes else 1.0
 
-    def sample(diffusion, params, seed, indices):
-      labels = class_labels(indices, exp.num_classes)
-
-      def denoise(x, t):
-        return exp.model.apply({"params": params}, x, t, labels, train=False)
+    def sample(diffusion, params, classifier_params, seed, indices, labels):
+      def apply(x, t, cond):
+        return exp.model.apply({"params": params}, x, t, cond.get("label"), train=False)
+      cond = conditioning.class_condition(labels) if exp.num_classes else {}
+      null = conditioning.null_class_condition(labels.shape[0], exp.num_classes) if guidance_scale != 1 else None
+      denoise = guidance.classifier_free(apply, cond, null, guidance_scale, diffusion)
+      guide = None
+      if classifier is not None:
+        logits = lambda x, t: classifier[0].apply({"params": classifier_params}, x, t, train=False)
+        guide = guidance.classifier_guide(logits, labels, float(s.classifier_scale))
       images = sampler(diffusion, denoise, sample_keys(seed, indices), exp.sample_shape,
-                       clip_denoised=clip_denoised)
+                       clip_denoised=clip_denoised, guide=guide)
       return to_uint8(images)
 
     self.jitted = jax.jit(sample, out_shardings=exp.batch_sharding)
 
+  def labels(self, indices) -> np.ndarray | None:
+    return class_labels(indices, self.num_classes, self._sample_cfg)
+
   def device_args(self, params, seed: int, indices: np.ndarray) -> tuple:
-    return (self._diffusion, params,
+    labels = self.labels(indices)
+    labels = np.zeros(len(indices), np.int32) if labels is None else labels
+    return (self._diffusion, params, self._classifier_params,
             mesh_lib.host_to_mesh(np.uint32(seed), self._replicated, process_local=False),
-            mesh_lib.host_to_mesh(np.asarray(indices, np.uint32), self._batch_sharding, process_local=False))
+            mesh_lib.host_to_mesh(np.asarray(indices, np.uint32), self._batch_sharding, process_local=False),
+            mesh_lib.host_to_mesh(labels, self._batch_sharding, process_local=False))
 
   def __call__(self, params, seed: int, indices: np.ndarray) -> jax.Array:
     return self.jitted(*self.device_args(params, seed, indices))
 
 
-def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool) -> SampleFn:
-  """The sampler, respacing and eta of `config.sample` as one jitted program over the mesh."""
-  return SampleFn(exp, clip_denoised=clip_denoised)
+def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None) -> SampleFn:
+  """The sampler, respacing, eta and guidance of `config.sample` as one jitted program over the mesh."""
+  return SampleFn(exp, clip_denoised=clip_denoised, classifier=classifier)
 
 
 def draw_indices(exp, sample_fn, params, *, seed: int, indices: np.ndarray):
   """Images (on every process) and labels of the given global sample indices; len(indices) is a multiple of the
   device count."""
+  del exp
   images = multihost_utils.process_allgather(sample_fn(params, seed, indices), tiled=True)
-  return np.asarray(images), class_labels(np.asarray(indices), exp.num_classes)
+  return np.asarray(images), sample_fn.labels(np.asarray(indices))
 
 
 def pad_to(indices: np.ndarray, size: int) -> np.ndarray:
@@ -163,8 +197,9 @@ def params_fingerprint(params) -> str:
   return hashlib.sha256(f"{layout}|{sums[0]}|{sums[1]}".encode()).hexdigest()[:16]
 
 
-def job_identity(config, *, step: int, fingerprint: str) -> dict:
-  """Everything that decides a job's images: the config minus NOT_IN_JOB_IDENTITY, and the weights."""
+def job_identity(config, *, step: int, fingerprint: str, classifier: dict | None = None) -> dict:
+  """Everything that decides a job's images: the config minus NOT_IN_JOB_IDENTITY, the weights, and the guiding
+  classifier (its network, source and weights' fingerprint) when sample.classifier_scale > 0."""
   settings = json.loads(config.to_json_best_effort())
   for key in NOT_IN_JOB_IDENTITY:
     *parents, last = key.split(".")
@@ -173,7 +208,10 @@ def job_identity(config, *, step: int, fingerprint: str) -> dict:
       section = section.get(part, {})
     section.pop(last, None)
   source = "pytorch" if config.model.init_from else "checkpoint"
-  return {"settings": settings, "weights": {"source": source, "step": step, "fingerprint": fingerprint}}
+  identity = {"settings": settings, "weights": {"source": source, "step": step, "fingerprint": fingerprint}}
+  if classifier is not None:
+    identity["classifier"] = classifier
+  return identity
 
 
 def job_name(identity: dict) -> str:
@@ -182,8 +220,10 @@ def job_name(identity: dict) -> str:
   source = "pytorch" if w["source"] == "pytorch" else f"step{w['step']}"
   steps = f"_{s['timestep_respacing']}" if s["timestep_respacing"] else ""
   ema = "ema" if s["use_ema"] else "raw"
+  guided = "".join([f"_cfg{s['guidance_scale']:g}" if s.get("guidance_scale", 1) != 1 else "",
+                    f"_cls{s['classifier_scale']:g}" if s.get("classifier_scale", 0) else ""])
   digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-  return f"{source}_{ema}_{s['sampler']}{steps}_seed{s['seed']}_{digest}"
+  return f"{source}_{ema}_{s['sampler']}{steps}{guided}_seed{s['seed']}_{digest}"
 
 
 def _check_job_file(job_dir: str, identity: dict):
@@ -266,7 +306,12 @@ def run(config, workdir: str) -> dict:
   exp = experiment_lib.build(config, job="sample")
   params, step = weights.load(exp, workdir, use_ema=config.sample.use_ema)
   s = config.sample
-  identity = job_identity(config, step=step, fingerprint=params_fingerprint(params))
+  classifier, classifier_identity = None, None
+  if s.classifier_scale > 0:
+    network, classifier_params, described = weights.load_classifier(exp)
+    classifier = (network, classifier_params)
+    classifier_identity = dict(described, fingerprint=params_fingerprint(classifier_params))
+  identity = job_identity(config, step=step, fingerprint=params_fingerprint(params), classifier=classifier_identity)
   job_dir = os.path.join(workdir, "samples", job_name(identity))
   shard_dir = os.path.join(job_dir, "shards")
   is_main = jax.process_index() == 0
@@ -280,7 +325,7 @@ def run(config, workdir: str) -> dict:
   if multihost_utils.broadcast_one_to_all(np.int32(bool(problem))):
     raise UserError(problem or f"{job_dir}/job.json describes other settings: see process 0's error.")
   todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples, exp.sample_shape))
-  sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised)
+  sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised, classifier=classifier)
   global_batch = s.per_device_batch_size * jax.device_count()
   start_time = time.time()
   with progress_bar(total=s.num_samples, initial=s.num_samples - len(todo), desc="sampling", unit="img",

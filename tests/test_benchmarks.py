@@ -43,3 +43,15 @@ def test_table_ratios_against_eager_and_the_best_pytorch_variant():
   lines = bench.table({'net': rows}).splitlines()[2:]
   assert lines[0].endswith('| 0.50 | 2.00 |') and lines[1].endswith('| 3.00 | 0.50 |')
   assert lines[2].endswith('| 0.50 | 0.50 |')
+
+
+@pytest.mark.slow
+def test_guidance_demo_smoke(tmp_path):
+  """benchmarks/guidance_demo.py end to end on smoke configs (the capability itself is tested in test_guidance*)."""
+  path = os.path.join(REPO, 'benchmarks', 'guidance_demo.py')
+  spec = importlib.util.spec_from_file_location('guidance_demo', path)
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  rows, times = demo.main(['--part', 'classifier', '--smoke', '--num-samples', '10', '--workdir', str(tmp_path)])
+  assert len(rows) == 4 and 'accuracy' not in rows[0] and all(0 <= r['accuracy'] <= 1 for r in rows[1:])
+  assert 'train noisy classifier' in times and os.path.exists(tmp_path / 'classifier_grid.png')

@@ -70,6 +70,17 @@ def test_a_bad_value_of_any_key_stops_every_job_in_one_line(job, key, tmp_path, 
     ("sample", ["--config.sample.timestep_respacing=ddim13"], "no integer stride gives exactly 13"),
     ("sample", [], "No checkpoint in"),
     ("train", ["--config.model.attention_resolutions=(5,)"], "is not a feature-map size"),
+    ("sample", ["--config.sample.guidance_scale=3.0", "--config.model.class_conditional=False"],
+     "sample.guidance_scale=3.0 needs a class-conditional model"),
+    ("sample", ["--config.sample.guidance_scale=3.0"], "needs a model trained with a null class"),
+    ("train", ["--config.train.cond_drop_prob=0.1", "--config.model.class_conditional=False"],
+     "drops the class of a class-conditional model"),
+    ("sample", ["--config.sample.classifier_scale=1.0"], "needs a classifier: set --config.sample.classifier_workdir"),
+    ("sample", ["--config.sample.classifier_scale=1.0", "--config.sample.classifier_workdir=/tmp",
+                "--config.sample.classifier_from=/tmp"], "set one of sample.classifier_workdir and"),
+    ("sample", ["--config.job=classifier"], "trains a noisy classifier, and sample runs diffusion models"),
+    ("train", ["--config.job=classifier", "--config.classifier.pool=attention",
+               "--config.classifier.num_head_channels=-1"], "splits heads by channels"),
 ])
 def test_cross_key_constraints(job, args, match, tmp_path, capsys):
   code, stderr = _cli(job, tmp_path, capsys, *args)

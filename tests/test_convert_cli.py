@@ -96,3 +96,33 @@ def test_convert_refuses_a_workdir_with_checkpoints(tmp_path):
   errors = [line for line in again.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and 'already holds checkpoints (steps [0])' in errors[0] and 'new --workdir' in errors[0]
   assert sorted(os.listdir(tmp_path / 'checkpoints' / '0')) == before
+
+
+@pytest.mark.torch
+def test_adm_g_with_a_guided_diffusion_classifier_file(tmp_path):
+  """ADM-G as the README runs it, at fixture size: the diffusion model from init_from, the noisy classifier from a
+  guided-diffusion .pt (classifier_from, its flags in the classifier section), respaced ancestral sampling."""
+  torch = pytest.importorskip('torch', reason='the torch extra is not installed')
+  from jaxdiff.convert import common  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(FIXTURES, 'classifier_nets.json')) as f:
+    flags = json.load(f)['attention_new']
+  state = {k.split('/', 1)[1]: v for k, v in common.read_safetensors(
+      os.path.join(FIXTURES, 'classifier_nets.safetensors')).items() if k.startswith('attention_new/')}
+  classifier = tmp_path / 'tiny_classifier.pt'
+  torch.save({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, classifier)
+  size = flags['image_size']
+  classifier_args = [
+      f'--config.classifier.base_channels={flags["model_channels"]}',
+      f'--config.classifier.channel_mult={tuple(flags["channel_mult"])}',
+      f'--config.classifier.num_res_blocks={flags["num_res_blocks"]}',
+      f'--config.classifier.attention_resolutions={tuple(size // ds for ds in flags["attention_resolutions"])}',
+      f'--config.classifier.num_head_channels={flags["num_head_channels"]}',
+      '--config.classifier.legacy_qkv_order=False', f'--config.model.init_from={WEIGHTS}',
+      f'--config.sample.classifier_from={classifier}', '--config.sample.timestep_respacing=5']
+  guided = sample_npz(tmp_path / 'guided', *guided_config_args(), *classifier_args,
+                      '--config.sample.classifier_scale=10.0')
+  plain = sample_npz(tmp_path / 'plain', *guided_config_args(), *classifier_args)
+  np.testing.assert_array_equal(guided['arr_1'], [0, 1])
+  assert guided['arr_0'].shape == (2, 16, 16, 3) and not np.array_equal(guided['arr_0'], plain['arr_0'])
+  job = [d for d in os.listdir(tmp_path / 'guided' / 'samples')][0]
+  assert job.startswith('pytorch_ema_ancestral_5_cls10_seed0_')

@@ -22,8 +22,8 @@ from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import create_state
 
-__all__ = ['Converted', 'load_diffusers', 'load_guided_diffusion', 'load_for_model', 'read_state_dict',
-           'write_checkpoint']
+__all__ = ['Converted', 'load_classifier', 'load_diffusers', 'load_guided_diffusion', 'load_for_model',
+           'read_state_dict', 'write_checkpoint']
 
 read_state_dict = common.read_state_dict
 # UNet fields that change what the network computes without changing any parameter shape.
@@ -85,6 +85,26 @@ def load_for_model(path: str, model: models.UNet, *, image_size: int, in_channel
                           f'{"; ..." if len(diffs) > 3 else ""}): fix those config keys.')
   return diffusers.convert(read_state_dict(diffusers.weights_path(path)), model, image_size=image_size,
                            in_channels=in_channels, what=path)
+
+
+def load_classifier(path: str, model: models.EncoderUNet, *, image_size: int, in_channels: int):
+  """Params of a noisy classifier built from `config.classifier` out of a guided-diffusion EncoderUNetModel file
+  (64x64_classifier.pt, ...): every key and shape checked; the class count and image size named when they differ."""
+  state = read_state_dict(path)
+  head = {'adaptive': 'out.3.bias', 'attention': 'out.2.c_proj.bias', 'spatial': 'out.2.bias',
+          'spatial_v2': 'out.3.bias'}[model.pool]
+  if head in state and state[head].shape[0] != model.out_channels:
+    raise CheckpointError(f'{path} classifies into {state[head].shape[0]} classes and the diffusion model has '
+                          f'{model.out_channels} (model.num_classes or the dataset\'s): guide with a classifier of the '
+                          'same classes.')
+  position = state.get('out.2.positional_embedding')
+  if model.pool == 'attention' and position is not None:
+    downsampled = image_size // 2 ** (len(model.channel_mult) - 1)
+    if position.shape[-1] != downsampled ** 2 + 1:
+      raise CheckpointError(f'{path} was trained on other images than data.image_size={image_size} (its attention '
+                            f'pool has {position.shape[-1] - 1} positions, this size gives {downsampled ** 2}): '
+                            'use a classifier of the diffusion model\'s image size.')
+  return guided_diffusion.convert_classifier(state, model, image_size=image_size, in_channels=in_channels, what=path)
 
 
 def write_checkpoint(path: str, config, workdir: str) -> str:

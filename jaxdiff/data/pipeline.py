@@ -6,6 +6,7 @@ the iterator starts at any step without replaying earlier ones and flips are see
 
 import dataclasses
 import fcntl
+import math
 import os
 from typing import Any, Iterator
 
@@ -148,6 +149,17 @@ class _Cached:
     return {'image': self.images[index], 'label': self.labels[index]}
 
 
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator, min_crop_frac: float = 0.8) -> np.ndarray:
+  """uint8 [S, S, C] -> [S, S, C]: resized (bicubic) to a random side in [S, ceil(S / min_crop_frac)], then a random
+  S x S crop, as guided-diffusion's random_crop_arr does for the shorter side."""
+  size, channels = image.shape[0], image.shape[-1]
+  side = int(rng.integers(size, math.ceil(size / min_crop_frac) + 1))
+  pil = PIL.Image.fromarray(image[..., 0] if channels == 1 else image)
+  resized = np.asarray(pil.resize((side, side), PIL.Image.Resampling.BICUBIC), np.uint8).reshape(side, side, channels)
+  top, left = (int(rng.integers(side - size + 1)) for _ in range(2))
+  return resized[top:top + size, left:left + size]
+
+
 def _check_int(name, value, low, high=None):
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low or (
       high is not None and value > high):
@@ -157,12 +169,14 @@ def _check_int(name, value, low, high=None):
 
 def train_batches(*, name: str, image_size: int, channels: int, batch_size: int, seed: int,
                   data_dir: str | None = None, image_dir: str | None = None, split: str = 'train',
-                  random_flip: bool = False, start_step: int = 0, process_index: int = 0,
+                  random_flip: bool = False, random_crop: bool = False, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, worker_threads: int = 2) -> Iterator[dict]:
   """Endless batches {'image': f32[B, S, S, C] in [-1, 1], 'label': i32[B]} starting at start_step.
 
   Epochs are reshuffled and drop their remainder; batch k depends only on (seed, k). batch_size is
-  this process's share: global batch k is the concatenation over processes of their batch k.
+  this process's share: global batch k is the concatenation over processes of their batch k. random_crop is
+  guided-diffusion's classifier augmentation (`random_crop_arr`): the image is resized so its side is a random
+  size in [S, ceil(S / 0.8)] and cropped back to S at a random place.
   """
   _check_int('image_size', image_size, 1)
   if channels not in (1, 3):
@@ -199,8 +213,11 @@ def train_batches(*, name: str, image_size: int, channels: int, batch_size: int,
     worker_threads = 0
   else:
     ds = grain.MapDataset.source(source.data).shuffle(seed=int(seed)).map(preprocess)
+  # rng is seeded by the element's index in the endless stream, hence by (seed, step).
+  if random_crop:
+    ds = ds.random_map(lambda example, rng: {**example, 'image': random_resized_crop(example['image'], rng)},
+                       seed=int(seed) + 1)
   if random_flip:
-    # rng is seeded by the element's index in the endless stream, hence by (seed, step).
     ds = ds.random_map(flip, seed=int(seed))
   ds = ds.batch(batch_size, drop_remainder=True)
   # Per epoch keep whole global batches, then take sub-batch p of each: disjoint shares.

@@ -1,7 +1,10 @@
 """Reverse-process samplers, each one `jax.lax.scan` over the timesteps of a (possibly respaced) process.
 
 A sampler sees the network only through `denoise(x, t) -> model output`, with `t` on the network's (training)
-timestep scale, so guidance can wrap `denoise` without touching the sampler. Every sample draws its noise from its
+timestep scale, so classifier-free guidance wraps `denoise` without touching the sampler. Classifier guidance is the
+optional `guide(x, t) -> s * grad_x log p(y | x, t)` (network timesteps too): it shifts the ancestral mean by
+Sigma * guide (guided-diffusion's condition_mean) and, in DDIM and DPM-Solver++, eps by -sqrt(1 - abar) * guide
+(condition_score). Every sample draws its noise from its
 own key, so a sample does not depend on the batch it was drawn in. Step i of a sampler goes from index i of the
 process to index i - 1 (to the data at i = 0); the scan runs i = N-1, ..., 0.
 """
@@ -16,6 +19,7 @@ from jaxdiff.diffusion.gaussian import GaussianDiffusion
 from jaxdiff.errors import ConfigError
 
 Denoise = Callable[[jax.Array, jax.Array], jax.Array]
+Guide = Callable[[jax.Array, jax.Array], jax.Array]
 SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
 
 
@@ -56,8 +60,18 @@ def _levels(diffusion: GaussianDiffusion, i: jax.Array):
           jnp.where(i > 0, diffusion.sqrt_one_minus_alphas_cumprod[prev], 0.0))
 
 
+def _condition_score(diffusion: GaussianDiffusion, guide: Guide | None, x, t, x0, eps):
+  """(x_0, eps) of the guided score: eps - sqrt(1 - abar) * guide; unchanged without a guide."""
+  if guide is None:
+    return x0, eps
+  eps = eps - diffusion.sqrt_one_minus_alphas_cumprod[t].reshape(-1, *[1] * (x.ndim - 1)) * guide(
+      x, diffusion.timestep_map[t])
+  return diffusion.predict_x0_from_eps(x, t, eps), eps
+
+
 def ancestral_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array,
-                     sample_shape: tuple[int, ...], *, clip_denoised: bool = True) -> jax.Array:
+                     sample_shape: tuple[int, ...], *, clip_denoised: bool = True,
+                     guide: Guide | None = None) -> jax.Array:
   """DDPM ancestral sampling from x_T ~ N(0, I) down to x_0, one sample per key.
 
   Args:
@@ -66,21 +80,24 @@ def ancestral_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.A
     keys: [B] PRNG keys, one per sample.
     sample_shape: shape of one sample, e.g. (H, W, C).
     clip_denoised: clip the predicted x_0 to [-1, 1] before forming the posterior mean.
+    guide: classifier guidance (see the module docstring), or None.
   """
   init_keys, step_keys = split_keys(keys)
 
   def step(x, i):
     t = _batch_t(x, i)
     out = diffusion.p_mean_variance(denoise(x, diffusion.timestep_map[t]), x, t, clip_denoised=clip_denoised)
+    mean = out.mean if guide is None else out.mean + out.variance * guide(x, diffusion.timestep_map[t])
     # No noise is added at the last step (t == 0).
     std = jnp.where(i > 0, jnp.exp(0.5 * out.log_variance), 0.0)
-    return out.mean + std * step_noise(step_keys, i, sample_shape)
+    return mean + std * step_noise(step_keys, i, sample_shape)
 
   return _reverse_scan(diffusion, step, per_sample_normal(init_keys, sample_shape))
 
 
 def ddim_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array, sample_shape: tuple[int, ...],
-                *, eta: float = 0.0, clip_denoised: bool = True, x_T: jax.Array | None = None) -> jax.Array:
+                *, eta: float = 0.0, clip_denoised: bool = True, x_T: jax.Array | None = None,
+                guide: Guide | None = None) -> jax.Array:
   """DDIM (Song et al., 2021, eq. 12): eta = 0 is the deterministic ODE path, eta = 1 matches DDPM's variance.
 
   Arguments as `ancestral_sample`; eps is re-derived from the clipped x_0 prediction. `x_T` replaces the initial
@@ -91,6 +108,7 @@ def ddim_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array,
   def step(x, i):
     t = _batch_t(x, i)
     x0, eps = diffusion.pred_x0_eps(denoise(x, diffusion.timestep_map[t]), x, t, clip_denoised=clip_denoised)
+    x0, eps = _condition_score(diffusion, guide, x, t, x0, eps)
     _, _, alpha_prev, sigma_prev = _levels(diffusion, i)
     # DDIM's sigma_t(eta)^2 is eta^2 times the posterior variance (0 at i = 0).
     noise_var = eta ** 2 * diffusion.posterior_variance[i]
@@ -120,7 +138,8 @@ def ddim_invert(diffusion: GaussianDiffusion, denoise: Denoise, x0: jax.Array) -
 
 
 def dpm_solver_pp_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array,
-                         sample_shape: tuple[int, ...], *, clip_denoised: bool = True) -> jax.Array:
+                         sample_shape: tuple[int, ...], *, clip_denoised: bool = True,
+                         guide: Guide | None = None) -> jax.Array:
   """DPM-Solver++(2M) (Lu et al., 2022): multistep second order in the data prediction, midpoint form.
 
   The previous x_0 prediction and log-SNR are carried in the scan. The first step and the last (to noise level 0,
@@ -132,7 +151,8 @@ def dpm_solver_pp_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: j
   def step(carry, i):
     x, prev_x0, prev_lam = carry
     t = _batch_t(x, i)
-    x0, _ = diffusion.pred_x0_eps(denoise(x, diffusion.timestep_map[t]), x, t, clip_denoised=clip_denoised)
+    x0, eps = diffusion.pred_x0_eps(denoise(x, diffusion.timestep_map[t]), x, t, clip_denoised=clip_denoised)
+    x0, _ = _condition_score(diffusion, guide, x, t, x0, eps)
     alpha_s, sigma_s, alpha_t, sigma_t = _levels(diffusion, i)
     # lambda = log(alpha / sigma) is +inf at the data (i = 0), where the update returns x0.
     lam_s = jnp.log(alpha_s) - jnp.log(sigma_s)
@@ -149,7 +169,7 @@ def dpm_solver_pp_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: j
 
 
 def get_sampler(name: str, *, eta: float = 0.0):
-  """The sampler `sample.sampler` names, as f(diffusion, denoise, keys, sample_shape, *, clip_denoised)."""
+  """The sampler `sample.sampler` names, as f(diffusion, denoise, keys, sample_shape, *, clip_denoised, guide)."""
   if name == "ancestral":
     return ancestral_sample
   if name == "ddim":

@@ -16,12 +16,9 @@ import jax.numpy as jnp
 from jaxdiff.models import layers
 
 
-class UNet(nn.Module):
-  """Noise-prediction UNet: (x [B,H,W,C], t [B], y [B] | None) -> [B,H,W,out_channels] float32.
-
-  The defaults of the layout fields reproduce the DDPM paper network; ADM uses flip_sin_to_cos=True, freq_shift=0,
-  norm_eps=1e-5, downsample_padding='symmetric'.
-  """
+class UNetTrunk(nn.Module):
+  """The fields and the shared half of the UNet and the classifier: timestep embedding, the down path and the
+  middle block. Subclasses call `_embed_time`, `_down` and `_middle` from their compact `__call__`."""
   out_channels: int
   base_channels: int = 128
   channel_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -35,92 +32,112 @@ class UNet(nn.Module):
   conv_resample: bool = True
   downsample_padding: str = 'asymmetric'  # see layers.DOWNSAMPLE_PADDINGS
   dropout: float = 0.0
-  num_classes: int | None = None
   norm_groups: int = 32
   norm_eps: float = 1e-6
   flip_sin_to_cos: bool = False
   freq_shift: float = 1.0
   mid_block_scale_factor: float = 1.0  # diffusers divides the middle blocks' residual sums by this
-  patch_size: int = 1  # > 1: the network runs on p x p pixel patches stacked as channels (space-to-depth)
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, t, y=None, *, train: bool):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = dict(norm_groups=self.norm_groups, norm_eps=self.norm_eps)
-    num_levels = len(self.channel_mult)
-    num_res = (self.num_res_blocks if isinstance(self.num_res_blocks, (tuple, list))
-               else (self.num_res_blocks,) * num_levels)
+  @property
+  def _num_res(self) -> tuple[int, ...]:
+    n = self.num_res_blocks
+    return tuple(n) if isinstance(n, (tuple, list)) else (n,) * len(self.channel_mult)
+
+  def _width(self, level: int) -> int:
+    return int(self.base_channels * self.channel_mult[level])  # int(): guided-diffusion's 512 nets use mult 0.5
+
+  def _res(self, h, emb, channels, name, train, **extra):
     # train is a Python bool deciding dropout, so remat must treat it as static (argnum 0 is the module).
     res_cls = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.remat else layers.ResBlock
+    return res_cls(channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, name=name,
+                   norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype,
+                   param_dtype=self.param_dtype, **extra)(h, emb, train)
+
+  def _attn(self, h, name, **extra):
     attn_cls = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
+    return attn_cls(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
+                    legacy_qkv_order=self.legacy_qkv_order, name=name, norm_groups=self.norm_groups,
+                    norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, **extra)(h)
 
-    def res(h, channels, name, **extra):
-      block = res_cls(channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm, name=name,
-                      **norm, **kw, **extra)
-      return block(h, emb, train)
-
-    def attn(h, name, **extra):
-      return attn_cls(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
-                      legacy_qkv_order=self.legacy_qkv_order, name=name, **norm, **kw, **extra)(h)
-
-    t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+  def _embed_time(self, t, batch: int):
+    """The block embedding of timesteps t, in float32 (as the output head: bf16 sinusoids of large t lose too
+    much, as in ADM's fp16 mode)."""
+    t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     emb = layers.timestep_embedding(t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos,
                                     freq_shift=self.freq_shift)
-    # The embeddings and the output head run in float32 whatever the compute dtype, as in ADM's fp16 mode: bf16
-    # sinusoids of large t and a bf16 final conv cost more accuracy than the rest of the network.
-    f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
-    emb = layers.TimeEmbedding(4 * self.base_channels, name='time_embed', **f32)(emb)
-    if self.num_classes is not None:
-      emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', **f32)(y)
+    return layers.TimeEmbedding(4 * self.base_channels, name='time_embed', dtype=jnp.float32,
+                                param_dtype=self.param_dtype)(emb)
 
-    # int(): guided-diffusion's 512x512 network starts at channel_mult 0.5.
-    width = lambda level: int(self.base_channels * self.channel_mult[level])
+  def _down(self, x, emb, train):
+    """conv_in and the down path: (h, the activations the up path concatenates, input first)."""
+    h = layers.conv(self._width(0), name='conv_in', dtype=self.dtype, param_dtype=self.param_dtype)(
+        x.astype(self.dtype))
+    skips = [h]
+    for level in range(len(self.channel_mult)):
+      for i in range(self._num_res[level]):
+        h = self._res(h, emb, self._width(level), f'down_{level}_res_{i}', train)
+        if 2 ** level in self.attention_ds:
+          h = self._attn(h, f'down_{level}_attn_{i}')
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        name = f'down_{level}_downsample'
+        if self.resblock_updown:
+          h = self._res(h, emb, h.shape[-1], name, train, resample='down')
+        else:
+          h = layers.Downsample(self.conv_resample, self.downsample_padding, name=name, dtype=self.dtype,
+                                param_dtype=self.param_dtype)(h)
+        skips.append(h)
+    return h, skips
+
+  def _middle(self, h, emb, train):
+    mid = dict(output_scale=self.mid_block_scale_factor)
+    h = self._res(h, emb, h.shape[-1], 'mid_res_0', train, **mid)
+    h = self._attn(h, 'mid_attn', **mid)
+    return self._res(h, emb, h.shape[-1], 'mid_res_1', train, **mid)
+
+
+class UNet(UNetTrunk):
+  """Noise-prediction UNet: (x [B,H,W,C], t [B], y [B] | None) -> [B,H,W,out_channels] float32.
+
+  The defaults of the layout fields reproduce the DDPM paper network; ADM uses flip_sin_to_cos=True, freq_shift=0,
+  norm_eps=1e-5, downsample_padding='symmetric'.
+  """
+  num_classes: int | None = None  # rows of the label table (with a learned null class: classes + 1)
+  patch_size: int = 1  # > 1: the network runs on p x p pixel patches stacked as channels (space-to-depth)
+
+  @nn.compact
+  def __call__(self, x, t, y=None, *, train: bool):
+    emb = self._embed_time(t, x.shape[0])
+    if self.num_classes is not None:
+      emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', dtype=jnp.float32,
+                           param_dtype=self.param_dtype)(y)
     p = self.patch_size
     if p > 1:  # invertible: [B, H, W, C] -> [B, H/p, W/p, p*p*C], undone on the output
       b, height, w, c = x.shape
       x = x.reshape(b, height // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, height // p, w // p, -1)
-    h = layers.conv(width(0), name='conv_in', **kw)(x.astype(self.dtype))
-    skips = [h]
-    for level in range(num_levels):
-      ds = 2 ** level
-      for i in range(num_res[level]):
-        h = res(h, width(level), f'down_{level}_res_{i}')
-        if ds in self.attention_ds:
-          h = attn(h, f'down_{level}_attn_{i}')
-        skips.append(h)
-      if level != num_levels - 1:
-        name = f'down_{level}_downsample'
-        if self.resblock_updown:
-          h = res(h, h.shape[-1], name, resample='down')
-        else:
-          h = layers.Downsample(self.conv_resample, self.downsample_padding, name=name, **kw)(h)
-        skips.append(h)
-
-    mid = dict(output_scale=self.mid_block_scale_factor)
-    h = res(h, h.shape[-1], 'mid_res_0', **mid)
-    h = attn(h, 'mid_attn', **mid)
-    h = res(h, h.shape[-1], 'mid_res_1', **mid)
-
-    for level in reversed(range(num_levels)):
-      ds = 2 ** level
-      for i in range(num_res[level] + 1):
-        h = res(jnp.concatenate([h, skips.pop()], axis=-1), width(level), f'up_{level}_res_{i}')
-        if ds in self.attention_ds:
-          h = attn(h, f'up_{level}_attn_{i}')
+    h, skips = self._down(x, emb, train)
+    h = self._middle(h, emb, train)
+    for level in reversed(range(len(self.channel_mult))):
+      for i in range(self._num_res[level] + 1):
+        h = self._res(jnp.concatenate([h, skips.pop()], axis=-1), emb, self._width(level), f'up_{level}_res_{i}',
+                      train)
+        if 2 ** level in self.attention_ds:
+          h = self._attn(h, f'up_{level}_attn_{i}')
       if level != 0:
         name = f'up_{level}_upsample'
         if self.resblock_updown:
-          h = res(h, h.shape[-1], name, resample='up')
+          h = self._res(h, emb, h.shape[-1], name, train, resample='up')
         else:
-          h = layers.Upsample(self.conv_resample, name=name, **kw)(h)
+          h = layers.Upsample(self.conv_resample, name=name, dtype=self.dtype, param_dtype=self.param_dtype)(h)
 
     h = nn.silu(layers.group_norm(h.astype(jnp.float32), groups=self.norm_groups, eps=self.norm_eps,
                                   param_dtype=self.param_dtype, name='norm_out'))
     # Zero-initialised: the untrained network predicts 0, and training starts from the identity residual path.
-    out = layers.conv(self.out_channels * p * p, name='conv_out', zero_init=True, **f32)(h)
+    out = layers.conv(self.out_channels * p * p, name='conv_out', zero_init=True, dtype=jnp.float32,
+                      param_dtype=self.param_dtype)(h)
     if p > 1:
       b, height, w, _ = out.shape
       out = out.reshape(b, height, w, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)

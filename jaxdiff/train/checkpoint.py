@@ -30,13 +30,21 @@ def state_layout(abstract_state) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def model_signature(config, num_classes: int, abstract_state) -> dict:
-  """The parts of a config a checkpoint must agree with, as plain JSON values, plus the state's layout."""
+# The same for a noisy classifier (config.job="classifier").
+CLASSIFIER_SHAPE_KEYS = ("job", "classifier", "data.image_size", "data.channels", "num_classes")
+
+
+def model_signature(config, num_classes: int, abstract_state, *, network: str = "diffusion",
+                    null_class: bool = False) -> dict:
+  """The parts of a config a checkpoint must agree with, as plain JSON values, plus the state's layout.
+
+  Keys added after the first release appear only when they hold something, so older checkpoints still match.
+  """
   full = json.loads(config.to_json_best_effort())
   signature = {}
-  for key in SHAPE_KEYS:
-    if key == "num_classes":
-      signature[key] = num_classes
+  for key in CLASSIFIER_SHAPE_KEYS if network == "classifier" else SHAPE_KEYS:
+    if key in ("num_classes", "job"):
+      signature[key] = num_classes if key == "num_classes" else network
       continue
     value = full
     for part in key.split("."):
@@ -44,7 +52,11 @@ def model_signature(config, num_classes: int, abstract_state) -> dict:
     signature[key] = value
   # These change no parameter shape: a checkpoint may be reused across them.
   for free in ("dtype", "remat", "dropout", "init_from"):
-    signature["model"].pop(free, None)
+    signature.get("model", {}).pop(free, None)
+  for free in ("dropout", "eval_split", "eval_batches"):
+    signature.get("classifier", {}).pop(free, None)
+  if null_class:
+    signature["null class (train.cond_drop_prob > 0)"] = True
   signature["state_layout"] = state_layout(abstract_state)
   return signature
 
@@ -169,19 +181,42 @@ class Checkpointer:
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def check_compatible(self):
-    """Raises CheckpointError when the workdir holds a checkpoint of a different model."""
+  def saved_signature(self) -> dict | None:
+    """The model description of the newest step whose description reads, or None."""
     for step in reversed(self.all_steps()):
       try:
-        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       except Exception:  # An unreadable step says nothing about the model; restore() judges it.
         continue
-      if comparable(saved) != comparable(self.signature):
-        mismatch = _describe_mismatch(comparable(saved), comparable(self.signature))
-        raise CheckpointError(
-            f"{self.directory} holds a checkpoint of a different model ({mismatch})"
-            ": pass a new --workdir, or the config that checkpoint was trained with.")
-      return
+    return None
+
+  def check_compatible(self, *, weights_only: bool = False):
+    """Raises CheckpointError when the workdir holds a checkpoint of a different model (with weights_only, the
+    optimizer state may differ)."""
+    saved = self.saved_signature()
+    strip = (lambda sig: {k: v for k, v in comparable(sig).items() if k != "state_layout"}) if weights_only else (
+        comparable)
+    if saved is not None and strip(saved) != strip(self.signature):
+      mismatch = _describe_mismatch(strip(saved), strip(self.signature))
+      raise CheckpointError(
+          f"{self.directory} holds a checkpoint of a different model ({mismatch})"
+          ": pass a new --workdir, or the config that checkpoint was trained with.")
+
+  def restore_weights(self, abstract_state):
+    """(params, ema_params, step) of the newest step, read without the optimizer state (which another job's
+    optimizer settings need not match), or None. Read-only: a failure raises CheckpointError and moves nothing."""
+    self.check_compatible(weights_only=True)
+    steps = self.all_steps()
+    if not steps:
+      return None
+    item = {"params": abstract_state.params, "ema_params": abstract_state.ema_params, "step": abstract_state.step}
+    try:
+      restored = self.manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"Could not read the weights of checkpoint step {steps[-1]} in {self.directory} "
+                            f"({_first_line(e)}): check that it holds a finished run's checkpoint.") from e
+    return restored["params"], restored["ema_params"], int(restored["step"])
 
   def restore(self, abstract_state):
     """The newest step that restores, or None when there is no checkpoint at all.

@@ -1,4 +1,8 @@
-"""Turns a config into the pieces a run needs: model, diffusion, optimizer, mesh and shardings."""
+"""Turns a config into the pieces a run needs: network, diffusion, optimizer, mesh and shardings.
+
+`config.job` picks the network: the diffusion UNet, or the noisy classifier of classifier guidance (which trains on
+the same diffusion's x_t). Sampling with classifier guidance builds both from one config.
+"""
 
 import dataclasses
 import os
@@ -25,9 +29,11 @@ class Experiment:
   model: Any
   diffusion: GaussianDiffusion
   tx: optax.GradientTransformation
-  num_classes: int  # 0 when the model is unconditional
+  num_classes: int  # 0 when the model is unconditional; a classifier's class count
   mesh: jax.sharding.Mesh
   state_sharding: Any = None
+  network: str = "diffusion"  # config.job's network: diffusion | classifier
+  null_class: bool = False  # the label table has a learned null class (index num_classes) for guidance
 
   @property
   def sample_shape(self) -> tuple[int, int, int]:
@@ -41,14 +47,14 @@ class Experiment:
   def checkpointer(self, workdir: str) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        signature=checkpoint_lib.model_signature(self.config, self.num_classes, self.abstract_state()),
+        signature=checkpoint_lib.model_signature(self.config, self.num_classes, self.abstract_state(),
+                                                 network=self.network, null_class=self.null_class),
         max_to_keep=self.config.train.keep_checkpoints)
 
   def _init(self, key: jax.Array) -> TrainState:
-    x = jnp.zeros((1, *self.sample_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if self.num_classes else None
-    params = self.model.init(key, x, t, y, train=False)["params"]
+    inputs = models.dummy_inputs(self.model, self.config.data.image_size, self.config.data.channels,
+                                 self.num_classes or None)
+    params = self.model.init(key, *inputs, train=False)["params"]
     return create_state(params, self.tx, num_timesteps=self.diffusion.num_timesteps)
 
   def abstract_state(self) -> TrainState:
@@ -62,17 +68,27 @@ class Experiment:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         self.abstract_state(), self.state_sharding)
 
-  def restore_params(self, workdir: str, *, use_ema: bool):
-    """(params, step) of the workdir's newest checkpoint (EMA or raw)."""
+  def restore_params(self, workdir: str, *, use_ema: bool, weights_only: bool = False):
+    """(params, step) of the workdir's newest checkpoint (EMA or raw); weights_only reads no optimizer state, for a
+    network trained with other optimizer settings than this config's (a guiding classifier)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):  # checked before the checkpointer, which would create the folder
       raise CheckpointError(f"No checkpoint in {os.path.abspath(directory)}: train first with train.py --workdir, "
                             "pass the workdir of a trained run, or set model.init_from to PyTorch weights.")
     checkpointer = self.checkpointer(workdir)
-    state = checkpointer.restore(self.abstract_state_with_sharding())
-    checkpointer.close()
+    if weights_only:
+      restored = checkpointer.restore_weights(self.abstract_state_with_sharding())
+      checkpointer.close()
+      if restored is not None:
+        params, ema_params, step = restored
+        return (ema_params if use_ema else params), step
+      state = None
+    else:
+      state = checkpointer.restore(self.abstract_state_with_sharding())
+      checkpointer.close()
     if state is None:
-      raise CheckpointError(f"No checkpoint in {checkpointer.directory}: train first with train.py --workdir, "
+      what = "a classifier (config.job='classifier')" if self.network == "classifier" else "first"
+      raise CheckpointError(f"No checkpoint in {checkpointer.directory}: train {what} with train.py --workdir, "
                             "pass the workdir of a trained run, or set model.init_from to PyTorch weights.")
     return (state.ema_params if use_ema else state.params), int(state.step)
 
@@ -81,28 +97,46 @@ class Experiment:
     return mesh_lib.host_to_mesh(batch, self.batch_sharding, process_local=True)
 
 
-def build(config, *, job: str | None = None) -> Experiment:
-  """Checks the config (for `job` on these devices) and builds the model, diffusion, optimizer and mesh."""
-  config_schema.validate(config)
-  config_schema.validate_for_devices(config, job=job)
+def label_classes(config, *, why: str) -> int:
+  """The number of classes of the labels: `model.num_classes` when set (e.g. converted ImageNet weights, sampled
+  without the dataset), else the dataset's; `why` names the setting that needs labels."""
+  if config.model.num_classes > 0:
+    return config.model.num_classes
   d = config.data
-  num_classes = 0
-  if config.model.class_conditional and config.model.num_classes > 0:
-    num_classes = config.model.num_classes  # e.g. converted ImageNet weights, sampled without the dataset
-  elif config.model.class_conditional:
-    info = data_lib.dataset_info(d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=d.split)
-    if info.num_classes < 2:
-      raise ConfigError(f"model.class_conditional=True needs a labelled dataset; {d.name!r} has "
-                        f"{info.num_classes} classes: set --config.model.class_conditional=False.")
-    num_classes = info.num_classes
+  info = data_lib.dataset_info(d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=d.split)
+  if info.num_classes < 2:
+    raise ConfigError(f"{why} needs a labelled dataset; {d.name!r} has {info.num_classes} classes: use a labelled "
+                      "dataset or set --config.model.num_classes.")
+  return info.num_classes
+
+
+def build(config, *, job: str | None = None, network: str | None = None) -> Experiment:
+  """Checks the config (for `job` on these devices) and builds the network (`config.job`'s unless `network` says
+  otherwise), diffusion, optimizer and mesh."""
+  config_schema.validate(config, job=job if network is None else None)
+  config_schema.validate_for_devices(config, job=job)
+  network = network or config.job
+  d = config.data
   diffusion = create_diffusion(config.diffusion)
-  model = models.create_model(config.model, image_size=d.image_size, in_channels=d.channels,
-                              out_channels=d.channels * diffusion.output_channels_factor,
-                              num_classes=num_classes or None)
+  null_class = False
+  if network == "classifier":
+    num_classes = label_classes(config, why="a classifier (config.job='classifier' or sample.classifier_scale)")
+    model = models.create_classifier(config.classifier, config.model, image_size=d.image_size,
+                                     num_classes=num_classes)
+  else:
+    num_classes = 0
+    if config.model.class_conditional:
+      num_classes = label_classes(config, why="model.class_conditional=True")
+    null_class = bool(num_classes) and config.train.cond_drop_prob > 0
+    model = models.create_model(config.model, image_size=d.image_size, in_channels=d.channels,
+                                out_channels=d.channels * diffusion.output_channels_factor,
+                                num_classes=num_classes or None, null_class=null_class)
   tx = make_optimizer(learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
                       grad_clip=config.train.grad_clip, skip_nonfinite=config.train.skip_nonfinite_steps,
-                      schedule=config.train.lr_schedule, num_steps=config.train.num_steps)
+                      schedule=config.train.lr_schedule, num_steps=config.train.num_steps,
+                      weight_decay=config.train.weight_decay)
   mesh = mesh_lib.make_mesh(config.mesh)
-  exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh)
+  exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh,
+                   network=network, null_class=null_class)
   exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)
   return exp

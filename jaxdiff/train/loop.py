@@ -1,7 +1,7 @@
-"""The training job: `run(config, workdir)` trains, checkpoints, resumes, logs and draws sample grids."""
+"""The training loop: `run(config, workdir)` trains any job (jobs.py), checkpoints, resumes, logs and shows what the
+job draws (sample grids, held-out accuracy). It knows no job by name."""
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -12,13 +12,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from jaxdiff import data as data_lib
-from jaxdiff import sampling
-from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
 from jaxdiff.errors import UserError
 from jaxdiff.progress import progress_bar
 from jaxdiff.train import experiment as experiment_lib
-from jaxdiff.train.state import train_step
+from jaxdiff.train import jobs
 
 
 class TrainingDiverged(UserError):
@@ -44,39 +41,13 @@ def preemption_notice():
 
 
 def make_train_step(exp: experiment_lib.Experiment):
-  """The jitted step with the state donated, the state replicated and the batch split over the data axis."""
-  step = functools.partial(
-      train_step, apply_fn=exp.model.apply, diffusion=exp.diffusion, tx=exp.tx,
-      base_key=jax.random.fold_in(jax.random.key(exp.config.seed), 1), ema_decay=exp.config.train.ema_decay,
-      class_conditional=bool(exp.num_classes),
-      loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
-      vlb_weight=exp.config.diffusion.vlb_weight, min_snr_gamma=exp.config.diffusion.min_snr_gamma,
-      timestep_sampler=parse_timestep_sampler(exp.config.train.timestep_sampler),
-      grad_accum_steps=exp.config.train.grad_accum_steps)
-  return jax.jit(step, donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding),
-                 out_shardings=(exp.state_sharding, None))
+  """The job's jitted step with the state donated, the state replicated and the batch split over the data axis."""
+  return jobs.for_experiment(exp).train_step()
 
 
 def batches(exp: experiment_lib.Experiment, start_step: int):
   """This process's input batches from `start_step` on, in the order an uninterrupted run sees them."""
-  d = exp.config.data
-  return data_lib.train_batches(
-      name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=d.split, image_size=d.image_size,
-      channels=d.channels, batch_size=exp.config.train.batch_size // jax.process_count(), seed=exp.config.seed,
-      random_flip=d.random_flip, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-
-def _write_grid(exp, sample_fn, params, workdir: str, step: int) -> str:
-  """Draws the EMA grid on every device; process 0 writes it."""
-  n = exp.config.train.num_grid_samples
-  count = -(-n // jax.device_count()) * jax.device_count()
-  images, _ = sampling.draw_indices(exp, sample_fn, params, seed=exp.config.sample.seed,
-                                    indices=sampling.pad_to(np.arange(n), count))
-  path = os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png")
-  if jax.process_index() == 0:
-    sampling.save_grid(images[:n], path)
-  return path
+  return jobs.input_batches(exp, start_step)
 
 
 def run(config, workdir: str) -> dict:
@@ -93,11 +64,12 @@ def run(config, workdir: str) -> dict:
   logging.info("%s at step %d of %d; %.2fM parameters; %d devices.",
                "Resumed" if resumed else "Starting", start_step, num_steps, num_params / 1e6, jax.device_count())
 
-  step_fn = make_train_step(exp)
-  sample_fn = sampling.make_sample_fn(exp, clip_denoised=config.sample.clip_denoised)
+  job = jobs.for_experiment(exp)
+  step_fn = job.train_step()
   is_main = jax.process_index() == 0
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
-  grids = []
+  shown = {}  # what the job showed last, and at which step
+  shown_step = None
   last_loss = float("nan")
   start_time = time.time()
   data_iter = batches(exp, start_step)
@@ -150,14 +122,14 @@ def run(config, workdir: str) -> dict:
           logging.warning("Preempted (SIGTERM): saved step %d; rerun the same command to resume.", step)
           break
         if config.train.sample_every and step % config.train.sample_every == 0:
-          grids.append(_write_grid(exp, sample_fn, state.ema_params, workdir, step))
+          shown, shown_step = job.show(state, workdir, step, writer), step
       if pending is not None:
         report(*pending)
     final_step = int(state.step)
     if last_saved != final_step:
       checkpointer.save(final_step, state, force=True)
-    if not preempted and (not grids or not grids[-1].endswith(f"{final_step:07d}.png")):
-      grids.append(_write_grid(exp, sample_fn, state.ema_params, workdir, final_step))
+    if not preempted and shown_step != final_step:
+      shown = job.show(state, workdir, final_step, writer)
   finally:
     checkpointer.close()
     if writer:
@@ -167,6 +139,7 @@ def run(config, workdir: str) -> dict:
   return {
       "step": final_step, "resumed_from": start_step if resumed else None, "steps_run": steps_run,
       "seconds": seconds, "steps_per_second": steps_run / seconds if seconds else 0.0,
-      "final_loss": last_loss, "num_params": num_params, "grid": grids[-1] if grids else None, "preempted": preempted,
+      "final_loss": last_loss, "num_params": num_params, "grid": None, "preempted": preempted,
       "checkpoints": checkpointer.directory, "tensorboard": os.path.join(os.path.abspath(workdir), "tensorboard"),
+      "job": exp.network, **shown,
   }

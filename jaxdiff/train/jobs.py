@@ -1,0 +1,148 @@
+"""What each `config.job` trains, for the one generic loop in loop.py: its jitted train step, its input batches and
+what it shows people at `train.sample_every` and at the end (a sample grid; accuracy by t on a held-out split).
+
+A job is built from an Experiment and provides
+  train_step()                              -> jitted (state, batch) -> (state, metrics), the state donated
+  show(state, workdir, step, writer) -> dict   merged into the run's summary (e.g. {"grid": path})
+Every job reads its batches with `input_batches`.
+"""
+
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxdiff import data as data_lib
+from jaxdiff import sampling
+from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
+from jaxdiff.train import experiment as experiment_lib
+from jaxdiff.train import mesh as mesh_lib
+from jaxdiff.train.state import classifier_outputs, classifier_train_step, train_step
+
+
+def _jit_step(exp: experiment_lib.Experiment, step):
+  """The step with the state donated, the state's sharding kept and the batch split over the data axis."""
+  return jax.jit(step, donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding),
+                 out_shardings=(exp.state_sharding, None))
+
+
+def input_batches(exp: experiment_lib.Experiment, start_step: int, *, split: str | None = None,
+                  augment: bool = True):
+  """This process's input batches from `start_step` on, in the order an uninterrupted run sees them."""
+  d = exp.config.data
+  return data_lib.train_batches(
+      name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=split or d.split, image_size=d.image_size,
+      channels=d.channels, batch_size=exp.config.train.batch_size // jax.process_count(), seed=exp.config.seed,
+      random_flip=d.random_flip and augment, random_crop=d.random_crop and augment, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _base_key(exp):
+  return jax.random.fold_in(jax.random.key(exp.config.seed), 1)
+
+
+class DiffusionJob:
+  """Pixel-space diffusion: the loss of `config.diffusion`, and an EMA sample grid."""
+
+  def __init__(self, exp: experiment_lib.Experiment):
+    self.exp = exp
+    self._sample_fn = None
+
+  def train_step(self):
+    exp, t = self.exp, self.exp.config.train
+    return _jit_step(exp, functools.partial(
+        train_step, apply_fn=exp.model.apply, diffusion=exp.diffusion, tx=exp.tx, base_key=_base_key(exp),
+        ema_decay=t.ema_decay, class_conditional=bool(exp.num_classes),
+        loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
+        vlb_weight=exp.config.diffusion.vlb_weight, min_snr_gamma=exp.config.diffusion.min_snr_gamma,
+        timestep_sampler=parse_timestep_sampler(t.timestep_sampler), grad_accum_steps=t.grad_accum_steps,
+        null_label=exp.num_classes if exp.null_class else None,
+        cond_drop_prob=t.cond_drop_prob if exp.null_class else 0.0))
+
+  def show(self, state, workdir: str, step: int, writer) -> dict:
+    """Draws the EMA grid on every device; process 0 writes it."""
+    del writer
+    exp = self.exp
+    n = exp.config.train.num_grid_samples
+    count = -(-n // jax.device_count()) * jax.device_count()
+    if self._sample_fn is None:
+      self._sample_fn = sampling.make_sample_fn(exp, clip_denoised=exp.config.sample.clip_denoised)
+    images, _ = sampling.draw_indices(exp, self._sample_fn, state.ema_params, seed=exp.config.sample.seed,
+                                      indices=sampling.pad_to(np.arange(n), count))
+    path = os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png")
+    if jax.process_index() == 0:
+      sampling.save_grid(images[:n], path)
+    return {"grid": path}
+
+
+class ClassifierJob:
+  """The noisy classifier of classifier guidance; shows its loss and accuracy per quarter of t on
+  `classifier.eval_split` (EMA or raw weights as `sample.use_ema` says, fixed noise and t)."""
+
+  def __init__(self, exp: experiment_lib.Experiment):
+    self.exp = exp
+    self._replicated = NamedSharding(exp.mesh, P())
+    self._eval = jax.jit(self._eval_sums, out_shardings=self._replicated)
+
+  def train_step(self):
+    exp = self.exp
+    return _jit_step(exp, functools.partial(
+        classifier_train_step, apply_fn=exp.model.apply, diffusion=exp.diffusion, tx=exp.tx,
+        base_key=_base_key(exp), ema_decay=exp.config.train.ema_decay,
+        grad_accum_steps=exp.config.train.grad_accum_steps))
+
+  def _eval_sums(self, params, batch, index):
+    """[4, 4] sums per quarter of t: example count, loss, top-1 and top-5 hits; t and noise fixed by the index."""
+    key = jax.random.fold_in(jax.random.key(self.exp.config.seed), index)
+    t_key, noise_key = jax.random.split(key)
+    x0 = batch["image"]
+    t = jax.random.randint(t_key, x0.shape[:1], 0, self.exp.diffusion.num_timesteps)
+    x_t = self.exp.diffusion.q_sample(x0, t, jax.random.normal(noise_key, x0.shape, jnp.float32))
+    out = classifier_outputs(self.exp.model.apply({"params": params}, x_t, t, train=False), batch["label"])
+    quarter = jax.nn.one_hot((4 * t) // self.exp.diffusion.num_timesteps, 4)  # [B, 4]
+    per_example = jnp.stack([jnp.ones_like(out["loss"]), out["loss"], out["accuracy"], out["accuracy_top5"]], -1)
+    return quarter.T @ per_example
+
+  def evaluate(self, params) -> dict:
+    """Loss and accuracies on `classifier.eval_split`, overall and per quarter of t ({} without a split)."""
+    c = self.exp.config.classifier
+    if not c.eval_split:
+      return {}
+    data = input_batches(self.exp, 0, split=c.eval_split, augment=False)
+    sums = 0.0
+    for i in range(c.eval_batches):
+      index = mesh_lib.host_to_mesh(np.uint32(1_000_003 + i), self._replicated, process_local=False)
+      sums = sums + np.asarray(self._eval(params, self.exp.shard_batch(next(data)), index))
+    result = {"examples": int(sums[:, 0].sum())}
+    for k, name in enumerate(("loss", "accuracy", "accuracy_top5"), start=1):
+      result[name] = float(sums[:, k].sum() / sums[:, 0].sum())
+      for q in range(4):
+        result[f"{name}_q{q}"] = float(sums[q, k] / sums[q, 0]) if sums[q, 0] else float("nan")
+    return result
+
+  def show(self, state, workdir: str, step: int, writer) -> dict:
+    params = state.ema_params if self.exp.config.sample.use_ema else state.params
+    result = self.evaluate(params)
+    if not result:
+      return {}
+    if writer:
+      for name, value in result.items():
+        writer.add_scalar(f"eval/{name}", value, step)
+    logging.info("Held-out %s at step %d: loss %.4f, accuracy %.3f (by quarter of t, low to high noise: %s)",
+                 self.exp.config.classifier.eval_split, step, result["loss"], result["accuracy"],
+                 ", ".join(f"{result[f'accuracy_q{q}']:.3f}" for q in range(4)))
+    path = os.path.join(workdir, "evaluation", f"classifier_step{step:07d}.json")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return {"evaluation": result, "evaluation_file": path}
+
+
+def for_experiment(exp: experiment_lib.Experiment):
+  return ClassifierJob(exp) if exp.network == "classifier" else DiffusionJob(exp)
