@@ -15,6 +15,7 @@ from configs import classifier_mnist
 from helpers import REPO, restore_state, smoke_config, tree_equal
 from jaxdiff import cli, sampling
 from jaxdiff.data import pipeline
+from jaxdiff.errors import CheckpointError
 from jaxdiff.train import loop
 
 
@@ -148,6 +149,15 @@ def test_classifier_free_guidance_through_the_sampling_job(cfg_run):
   np.testing.assert_array_equal(results[1.0][2], np.arange(8) % 10)
   assert len({results[s][0]["job"] for s in results}) == 3 and "_cfg3_" in results[3.0][0]["job"]
   assert not np.array_equal(results[3.0][1], results[1.0][1])
+
+
+def test_a_cfg_model_sampled_without_its_null_class_is_named(cfg_run):
+  config, workdir = cfg_run
+  without = copy.deepcopy(config)
+  without.train.cond_drop_prob = 0.0
+  with pytest.raises(CheckpointError, match=r"null class \(train.cond_drop_prob > 0\): True in the checkpoint, "
+                                            "False in the config"):
+    sampling.run(without, str(workdir))
 
 
 def test_classifier_guidance_of_a_class_conditional_model_with_cfg(cfg_run, classifier_run):

@@ -30,6 +30,8 @@ def state_layout(abstract_state) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Written only when true (older checkpoints lack it); compared as False when absent.
+NULL_CLASS = "null class (train.cond_drop_prob > 0)"
 # The same for a noisy classifier (config.job="classifier").
 CLASSIFIER_SHAPE_KEYS = ("job", "classifier", "data.image_size", "data.channels", "num_classes")
 
@@ -56,15 +58,17 @@ def model_signature(config, num_classes: int, abstract_state, *, network: str = 
   for free in ("dropout", "eval_split", "eval_batches"):
     signature.get("classifier", {}).pop(free, None)
   if null_class:
-    signature["null class (train.cond_drop_prob > 0)"] = True
+    signature[NULL_CLASS] = True
   signature["state_layout"] = state_layout(abstract_state)
   return signature
 
 
 def comparable(signature: dict) -> dict:
-  """A signature as checkpoints are matched: the two fixed variances are one model (sample with either)."""
+  """A signature as checkpoints are matched: the two fixed variances are one model (sample with either); a
+  diffusion model without the null-class entry has none."""
   out = dict(signature)
-  if "diffusion.var_type" in out:
+  if "diffusion.var_type" in out:  # a diffusion model's signature
+    out.setdefault(NULL_CLASS, False)
     out["diffusion.var_type"] = "learned_range" if out["diffusion.var_type"] == "learned_range" else "fixed"
   return out
 
