@@ -75,7 +75,7 @@ def main(argv):
     sample_fn = sampling.make_sample_fn(exp, clip_denoised=config.sample.clip_denoised)
     n = -(-flags.FLAGS.num_samples // jax.device_count()) * jax.device_count()
     start = time.time()
-    images, _ = sampling.draw_indices(exp, sample_fn, params, seed=config.sample.seed, indices=np.arange(n))
+    images, _ = sampling.draw_indices(sample_fn, params, seed=config.sample.seed, indices=np.arange(n))
     seconds = time.time() - start  # includes compilation, once per setting
     path = sampling.save_grid(images[:flags.FLAGS.num_samples], os.path.join(out_dir, f"{name}_{steps}.png"))
     rows.append((name, steps, seconds, path))

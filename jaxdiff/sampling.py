@@ -130,10 +130,9 @@ def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool, class
   return SampleFn(exp, clip_denoised=clip_denoised, classifier=classifier)
 
 
-def draw_indices(exp, sample_fn, params, *, seed: int, indices: np.ndarray):
+def draw_indices(sample_fn, params, *, seed: int, indices: np.ndarray):
   """Images (on every process) and labels of the given global sample indices; len(indices) is a multiple of the
   device count."""
-  del exp
   images = multihost_utils.process_allgather(sample_fn(params, seed, indices), tiled=True)
   return np.asarray(images), sample_fn.labels(np.asarray(indices))
 
@@ -332,7 +331,7 @@ def run(config, workdir: str) -> dict:
                     disable=not is_main) as bar:
     for first in range(0, len(todo), global_batch):
       chunk = todo[first:first + global_batch]
-      images, labels = draw_indices(exp, sample_fn, params, seed=s.seed, indices=pad_to(chunk, global_batch))
+      images, labels = draw_indices(sample_fn, params, seed=s.seed, indices=pad_to(chunk, global_batch))
       if is_main:
         arrays = dict(arr_0=images[:len(chunk)], indices=chunk)
         if labels is not None:

@@ -91,14 +91,14 @@ def load_classifier(path: str, model: models.EncoderUNet, *, image_size: int, in
   """Params of a noisy classifier built from `config.classifier` out of a guided-diffusion EncoderUNetModel file
   (64x64_classifier.pt, ...): every key and shape checked; the class count and image size named when they differ."""
   state = read_state_dict(path)
-  head = {'adaptive': 'out.3.bias', 'attention': 'out.2.c_proj.bias', 'spatial': 'out.2.bias',
-          'spatial_v2': 'out.3.bias'}[model.pool]
+  heads = guided_diffusion.CLASSIFIER_HEADS[model.pool]
+  head = f'{heads[guided_diffusion.CLASSIFIER_LOGITS[model.pool]]}.bias'
   if head in state and state[head].shape[0] != model.out_channels:
     raise CheckpointError(f'{path} classifies into {state[head].shape[0]} classes and the diffusion model has '
                           f'{model.out_channels} (model.num_classes or the dataset\'s): guide with a classifier of the '
                           'same classes.')
-  position = state.get('out.2.positional_embedding')
-  if model.pool == 'attention' and position is not None:
+  position = state.get(f"{heads['pool']}.positional_embedding") if model.pool == 'attention' else None
+  if position is not None:
     downsampled = image_size // 2 ** (len(model.channel_mult) - 1)
     if position.shape[-1] != downsampled ** 2 + 1:
       raise CheckpointError(f'{path} was trained on other images than data.image_size={image_size} (its attention '

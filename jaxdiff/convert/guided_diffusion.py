@@ -51,6 +51,9 @@ CLASSIFIER_HEADS = {
     'spatial': {'out_linear_0': 'out.0', 'out_linear_1': 'out.2'},
     'spatial_v2': {'out_linear_0': 'out.0', 'out_norm': 'out.1', 'out_linear_1': 'out.3'},
 }
+# The jaxdiff module of each head that outputs the logits.
+CLASSIFIER_LOGITS = {'adaptive': 'out_conv', 'attention': 'pool/c_proj', 'spatial': 'out_linear_1',
+                     'spatial_v2': 'out_linear_1'}
 
 
 def module_prefixes(model: UNet | EncoderUNet) -> dict[str, str]:
@@ -98,7 +101,7 @@ def _sources(prefixes: dict[str, str]):
 
 
 def check_layout(model: UNet):
-  wrong = [f'model.{k}={getattr(model, k)!r}' for k, v in LAYOUT.items() if getattr(model, k, v) != v]
+  wrong = [f'model.{k}={getattr(model, k)!r}' for k, v in LAYOUT.items() if getattr(model, k) != v]
   if wrong:
     raise CheckpointError(f'guided-diffusion checkpoints need {", ".join(f"model.{k}={v!r}" for k, v in LAYOUT.items())}'
                           f'; the config has {", ".join(wrong)}: start from configs/adm_imagenet64.py.')

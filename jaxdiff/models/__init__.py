@@ -17,7 +17,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Optional keys; the defaults reproduce the DDPM paper network (ADM: True, 0, 1e-5, 'symmetric').
 OPTIONAL_KEYS = dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding='asymmetric',
-                     norm_groups=32, conv_resample=True, mid_block_scale_factor=1.0, patch_size=1)
+                     conv_resample=True, mid_block_scale_factor=1.0, patch_size=1)
 
 
 def _key(cfg, key, default=None, *, section='model'):
@@ -97,7 +97,6 @@ def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classe
   if image_size % patch:
     raise ConfigError(f'model.patch_size={patch} must divide image_size {image_size}')
   fields = _trunk_fields(model_cfg, 'model', image_size=image_size // patch)
-  opt.pop('norm_groups')
   if opt['downsample_padding'] not in DOWNSAMPLE_PADDINGS:
     raise ConfigError(f'model.downsample_padding={opt["downsample_padding"]!r}: use one of '
                       f'{sorted(DOWNSAMPLE_PADDINGS)}')

@@ -76,21 +76,20 @@ class Experiment:
       raise CheckpointError(f"No checkpoint in {os.path.abspath(directory)}: train first with train.py --workdir, "
                             "pass the workdir of a trained run, or set model.init_from to PyTorch weights.")
     checkpointer = self.checkpointer(workdir)
-    if weights_only:
-      restored = checkpointer.restore_weights(self.abstract_state_with_sharding())
+    try:
+      if weights_only:
+        restored = checkpointer.restore_weights(self.abstract_state_with_sharding())
+      else:
+        state = checkpointer.restore(self.abstract_state_with_sharding())
+        restored = None if state is None else (state.params, state.ema_params, int(state.step))
+    finally:
       checkpointer.close()
-      if restored is not None:
-        params, ema_params, step = restored
-        return (ema_params if use_ema else params), step
-      state = None
-    else:
-      state = checkpointer.restore(self.abstract_state_with_sharding())
-      checkpointer.close()
-    if state is None:
+    if restored is None:
       what = "a classifier (config.job='classifier')" if self.network == "classifier" else "first"
       raise CheckpointError(f"No checkpoint in {checkpointer.directory}: train {what} with train.py --workdir, "
                             "pass the workdir of a trained run, or set model.init_from to PyTorch weights.")
-    return (state.ema_params if use_ema else state.params), int(state.step)
+    params, ema_params, step = restored
+    return (ema_params if use_ema else params), step
 
   def shard_batch(self, batch: dict) -> dict:
     """This process's share of the global batch, placed over the mesh's data axis."""

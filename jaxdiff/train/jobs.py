@@ -72,7 +72,7 @@ class DiffusionJob:
     count = -(-n // jax.device_count()) * jax.device_count()
     if self._sample_fn is None:
       self._sample_fn = sampling.make_sample_fn(exp, clip_denoised=exp.config.sample.clip_denoised)
-    images, _ = sampling.draw_indices(exp, self._sample_fn, state.ema_params, seed=exp.config.sample.seed,
+    images, _ = sampling.draw_indices(self._sample_fn, state.ema_params, seed=exp.config.sample.seed,
                                       indices=sampling.pad_to(np.arange(n), count))
     path = os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png")
     if jax.process_index() == 0:
