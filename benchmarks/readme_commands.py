@@ -40,6 +40,10 @@ SKIPPED = {  # a substring of the command: why it does not run here, and what co
     "_classifier.pt": "needs guided-diffusion's released classifiers (tests/test_convert_cli.py samples ADM-G from "
                       "fixture files)",
     "guidance_demo.py": "a demo of half an hour (tests/test_benchmarks.py runs it with --smoke)",
+    "autoencoder_demo.py": "a demo of 20 minutes (tests/test_benchmarks.py runs it with --smoke)",
+    "autoencoder_ldm.py:": "needs released VAE weights or LPIPS files (tests/test_autoencoder.py imports random "
+                           "diffusers and SD-layout files; tests/test_autoencoder_jobs.py trains with LPIPS)",
+    "vae_memory.py": "a benchmark of minutes at 1024x1024 (its numbers are in the README)",
 }
 
 

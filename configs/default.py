@@ -6,7 +6,8 @@ from ml_collections import config_dict
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.job = "diffusion"  # what train.py trains: diffusion | classifier (a noisy classifier for guidance)
+  # What train.py trains: diffusion | classifier (a noisy classifier for guidance) | autoencoder (a first stage)
+  config.job = "diffusion"
   config.seed = 0
 
   config.mesh = mesh = ml_collections.ConfigDict()
@@ -86,6 +87,10 @@ def get_config():
   train.timestep_sampler = "uniform"  # uniform | loss_second_moment (importance sampling of t)
   train.weight_decay = 0.0  # > 0: AdamW with this decoupled weight decay (guided-diffusion's classifiers: 0.05)
   train.cond_drop_prob = 0.0  # classifier-free guidance: drop the class to a learned null class this often
+  train.adam_b1 = 0.9  # Adam's beta1 and beta2 (LDM's autoencoders and discriminators: 0.5, 0.9)
+  train.adam_b2 = 0.999
+  train.disc_start = 50_001  # autoencoder job: the step from which the patch-GAN discriminator trains and guides
+  train.disc_learning_rate = 0.0  # the discriminator's Adam rate; 0 = train.learning_rate (as LDM)
 
   # The noisy classifier: trained with config.job="classifier", read for classifier guidance when sampling.
   # Defaults: guided-diffusion's released classifiers (legacy QKV order in the blocks, attention pool).
@@ -104,6 +109,40 @@ def get_config():
   classifier.dropout = 0.0
   classifier.eval_split = ""  # held-out split evaluated at train.sample_every and at the end ("" = none)
   classifier.eval_batches = 8  # batches of train.batch_size in each evaluation
+
+  # The first stage of latent diffusion (config.job="autoencoder"): LDM's encoder/decoder with a KL posterior or a
+  # vector quantiser. Defaults: the kl-f8 layout of LDM and Stable Diffusion.
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.kind = "kl"  # kl (AutoencoderKL) | vq (VQ-reg: encode gives continuous latents, decode quantises them)
+  ae.base_channels = 128
+  ae.channel_mult = (1, 2, 4, 4)  # one level per entry; the latents are 2 ** (levels - 1) times smaller
+  ae.num_res_blocks = 2
+  ae.latent_channels = 4
+  ae.mid_attention = True
+  ae.attention_levels = ()  # levels (0 = full resolution) whose blocks also attend (LDM's attn_resolutions)
+  ae.norm_groups = 32
+  ae.num_embeddings = 8192  # vq: codebook size
+  ae.embedding_dim = 0  # vq: code dimension; 0 = latent_channels
+  ae.beta = 0.25  # vq: commitment weight
+  ae.scale_factor = 0.0  # latents are multiplied by this for diffusion; 0 = the job's measured 1 / std
+  ae.scale_batches = 8  # training batches whose latents give that std (LDM's scale_by_std reads one)
+  ae.init_from = config_dict.placeholder(str)  # PyTorch weights to start from (diffusers folder, LDM/SD checkpoint)
+  ae.eval_split = ""  # held-out split for the reconstruction grid and PSNR/SSIM ("" = the training split)
+  ae.eval_batches = 4  # batches of train.batch_size in each evaluation
+
+  # The autoencoder's loss (LDM's LPIPSWithDiscriminator / VQLPIPSWithDiscriminator).
+  config.autoencoder_loss = al = ml_collections.ConfigDict()
+  al.reconstruction = "l1"  # l1 | l2, per pixel
+  al.perceptual_weight = 1.0  # LPIPS (VGG16); needs lpips_vgg and lpips_heads, nothing is downloaded
+  al.lpips_vgg = config_dict.placeholder(str)  # torchvision's VGG16 state dict (.pth, .safetensors or .npz)
+  al.lpips_heads = config_dict.placeholder(str)  # the lpips package's weights/v0.1/vgg.pth (linear heads)
+  al.kl_weight = 1e-6  # kl: weight of the posterior's KL to N(0, I)
+  al.codebook_weight = 1.0  # vq: weight of the codebook + commitment loss
+  al.disc_weight = 0.5  # times the adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer
+  al.disc_factor = 1.0  # the GAN terms' weight from train.disc_start on (0 before)
+  al.disc_loss = "hinge"  # hinge | vanilla (discriminator loss)
+  al.disc_layers = 3  # PatchGAN (NLayerDiscriminator) depth
+  al.disc_channels = 64
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64

@@ -1,5 +1,6 @@
-"""What the absl CLIs share (train.py, sample.py, `python -m jaxdiff.likelihood`, `python -m jaxdiff.convert`):
-flags, config loading and checking, one-line errors and the closing summary.
+"""What the absl CLIs share (train.py, sample.py, `python -m jaxdiff.likelihood`, `python -m jaxdiff.convert`,
+`python -m jaxdiff.evaluation autoencoder`): flags, config loading and checking, one-line errors and the closing
+summary.
 
 The CLI layer sits above the jobs: it imports them when it runs one, and no job imports it. Each entry point is
 
@@ -21,7 +22,7 @@ from jaxdiff.errors import UserError
 FLAGS = flags.FLAGS
 
 
-JOBS = ("train", "sample", "likelihood", "convert")
+JOBS = ("train", "sample", "likelihood", "convert", "evaluate")
 
 
 def define_flags(*, job: str, flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None):
@@ -37,6 +38,11 @@ def define_flags(*, job: str, flag_values: flags.FlagValues = FLAGS, argv: list[
     flags.DEFINE_string("from", None, "A guided-/improved-diffusion .pt/.safetensors file or a diffusers model folder.",
                         flag_values=flag_values)
     required.append("from")
+  if job == "evaluate":
+    flags.DEFINE_string("weights", None, "FID Inception weights for rFID (as `python -m jaxdiff.evaluation fid "
+                        "--weights`); without them rFID is left out.", flag_values=flag_values)
+    flags.DEFINE_integer("resize_to", 299, "side images are resized to for rFID's Inception; only the default gives "
+                         "comparable scores", flag_values=flag_values)
   flags.mark_flags_as_required(required, flag_values=flag_values)
 
 
@@ -100,6 +106,10 @@ def _job_function(job: str, flag_values: flags.FlagValues):
   if job == "likelihood":
     from jaxdiff import likelihood
     return likelihood.run
+  if job == "evaluate":
+    from jaxdiff.evaluation import autoencoder
+    return lambda config, workdir: autoencoder.run(config, workdir, inception_weights=flag_values["weights"].value,
+                                                   resize_to=flag_values["resize_to"].value)
   from jaxdiff import convert
   return lambda config, workdir: {"checkpoints": convert.write_checkpoint(flag_values["from"].value, config, workdir)}
 
@@ -114,7 +124,12 @@ def _report(job: str, summary: dict, workdir: str):
   if job == "train" and summary["preempted"]:
     print(f"Preempted at step {summary['step']} and saved to {summary['checkpoints']}: rerun to resume.")
   elif job == "train":
-    if summary.get("evaluation"):
+    if summary.get("job") == "autoencoder":
+      e, scale = summary["evaluation"], summary["latent_scale"]
+      print(f"held-out PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.4f}; inputs | reconstructions: {summary['grid']}")
+      print(f"latent std {scale['latent_std']:.4f}, scale factor {scale['scale_factor']:.5f} in "
+            f"{summary['latent_scale_file']}")
+    elif summary.get("evaluation"):
       e = summary["evaluation"]
       print(f"held-out accuracy: {e['accuracy']:.3f} (quarters of t, low to high noise: "
             f"{', '.join(format(e[f'accuracy_q{q}'], '.3f') for q in range(4))}) in {summary['evaluation_file']}")
@@ -123,6 +138,9 @@ def _report(job: str, summary: dict, workdir: str):
     print(f"checkpoints:     {summary['checkpoints']}\nTensorBoard:     tensorboard --logdir {summary['tensorboard']}")
   elif job == "sample":
     print(f"sample grid: {summary['grid']}\nsamples:     {summary['npz']}")
+  elif job == "evaluate":
+    print(f"reconstruction of {summary['examples']} images of {summary['split']}: PSNR {summary['psnr']:.2f} dB, "
+          f"SSIM {summary['ssim']:.4f}, LPIPS {summary['lpips']}, rFID {summary['rfid']} ({summary['file']})")
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, f"{job}_summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)

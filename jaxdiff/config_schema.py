@@ -14,9 +14,12 @@ from typing import Any, Callable
 
 from jaxdiff.errors import ConfigError
 
-JOBS = ("train", "sample", "likelihood", "convert")
+JOBS = ("train", "sample", "likelihood", "convert", "evaluate")
 # What `config.job` trains (train.py); the other CLI jobs run diffusion models only.
-NETWORK_JOBS = ("diffusion", "classifier")
+NETWORK_JOBS = ("diffusion", "classifier", "autoencoder")
+AUTOENCODER_KINDS = ("kl", "vq")
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+DISC_LOSSES = ("hinge", "vanilla")
 LABEL_MODES = ("cycle", "fixed", "random")
 
 
@@ -179,11 +182,43 @@ def _schema() -> dict[str, Rule]:
       "train.timestep_sampler": choice(m.value for m in timesteps.TimestepSampler),
       "train.weight_decay": number(0),
       "train.cond_drop_prob": number(0, 1, high_open=True),
+      "train.adam_b1": number(0, 1, high_open=True),
+      "train.adam_b2": number(0, 1, high_open=True),
+      "train.disc_start": integer(0),
+      "train.disc_learning_rate": number(0),
       **network_rules("classifier"),
       "classifier.pool": choice(POOLS),
       "classifier.eval_split": text(pattern=r"|[A-Za-z][\w\[\]:%+.,\- ]*", bad="0",
                                     words="a split such as 'validation' or 'train[4500:]', or '' for none"),
       "classifier.eval_batches": integer(1),
+      "autoencoder.kind": choice(AUTOENCODER_KINDS),
+      "autoencoder.base_channels": integer(1),
+      "autoencoder.channel_mult": integers(1),
+      "autoencoder.num_res_blocks": integer(1),
+      "autoencoder.latent_channels": integer(1),
+      "autoencoder.mid_attention": boolean(),
+      "autoencoder.attention_levels": integers(0, allow_empty=True),
+      "autoencoder.norm_groups": integer(1),
+      "autoencoder.num_embeddings": integer(2),
+      "autoencoder.embedding_dim": integer(0),
+      "autoencoder.beta": number(0),
+      "autoencoder.scale_factor": number(0),
+      "autoencoder.scale_batches": integer(1),
+      "autoencoder.init_from": path(exists=True),
+      "autoencoder.eval_split": text(pattern=r"|[A-Za-z][\w\[\]:%+.,\- ]*", bad="0",
+                                     words="a split such as 'validation' or 'train[4500:]', or '' for none"),
+      "autoencoder.eval_batches": integer(1),
+      "autoencoder_loss.reconstruction": choice(RECONSTRUCTION_LOSSES),
+      "autoencoder_loss.perceptual_weight": number(0),
+      "autoencoder_loss.lpips_vgg": path(exists=True),
+      "autoencoder_loss.lpips_heads": path(exists=True),
+      "autoencoder_loss.kl_weight": number(0),
+      "autoencoder_loss.codebook_weight": number(0),
+      "autoencoder_loss.disc_weight": number(0),
+      "autoencoder_loss.disc_factor": number(0),
+      "autoencoder_loss.disc_loss": choice(DISC_LOSSES),
+      "autoencoder_loss.disc_layers": integer(1),
+      "autoencoder_loss.disc_channels": integer(1),
       "sample.num_samples": integer(1),
       "sample.per_device_batch_size": integer(1),
       "sample.clip_denoised": boolean(),
@@ -228,7 +263,7 @@ def flatten(config) -> dict[str, Any]:
   return out
 
 
-def _cross_checks(config):
+def _cross_checks(config, job: str | None = None):
   """Constraints between keys. Pure Python and NumPy: no JAX backend starts, so it runs before jax.distributed."""
   d, m, dist = config.data, config.model, config.distributed
   if dist.coordinator_address and (dist.num_processes is None or dist.process_id is None):
@@ -242,6 +277,9 @@ def _cross_checks(config):
     raise ConfigError(f"data.name={IMAGE_FOLDER!r} needs a folder of images: set --config.data.image_dir.")
   if d.image_dir and d.name != IMAGE_FOLDER:
     raise ConfigError(f"data.image_dir is only read with data.name={IMAGE_FOLDER!r}: set that, or unset image_dir.")
+  if config.job == "autoencoder":  # it reads no diffusion, UNet or sampling section
+    _autoencoder_checks(config, job)
+    return
   # The schedule, sampler and network check the rest of their sections as they are built.
   from jaxdiff.diffusion import gaussian, get_sampler, schedules
   betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps,
@@ -255,6 +293,29 @@ def _cross_checks(config):
   models.create_model(m, image_size=d.image_size, in_channels=d.channels, out_channels=d.channels * factor,
                       num_classes=(m.num_classes or 2) if m.class_conditional else None)
   _guidance_checks(config)
+
+
+def _autoencoder_checks(config, job: str | None):
+  """The first stage's network, its loss's weight files (for training) and what its step does not support."""
+  a, al, d = config.autoencoder, config.autoencoder_loss, config.data
+  if job == "train" and al.perceptual_weight > 0 and not (al.lpips_vgg and al.lpips_heads):
+    raise ConfigError(f"autoencoder_loss.perceptual_weight={al.perceptual_weight} (LPIPS) needs local weights: set "
+                      "--config.autoencoder_loss.lpips_vgg=<torchvision vgg16 .pth> and "
+                      "--config.autoencoder_loss.lpips_heads=<lpips weights/v0.1/vgg.pth>, or perceptual_weight=0.")
+  if config.train.grad_accum_steps != 1:
+    raise ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps}: the autoencoder step weighs its GAN "
+                      "loss by gradient norms of the whole batch; set 1 (and lower train.batch_size for memory).")
+  factor = 2 ** (len(a.channel_mult) - 1)
+  if d.image_size % factor:
+    raise ConfigError(f"data.image_size={d.image_size} must be a multiple of {factor}, the downsampling factor of "
+                      f"autoencoder.channel_mult={tuple(a.channel_mult)}.")
+  if any(level >= len(a.channel_mult) for level in a.attention_levels):
+    raise ConfigError(f"autoencoder.attention_levels={tuple(a.attention_levels)} names a level the network lacks: "
+                      f"levels are 0 to {len(a.channel_mult) - 1} (one per channel_mult entry).")
+  for mult in a.channel_mult:
+    if (a.base_channels * mult) % a.norm_groups:
+      raise ConfigError(f"autoencoder.norm_groups={a.norm_groups} must divide every level's channels "
+                        f"(autoencoder.base_channels x channel_mult = {a.base_channels * mult}).")
 
 
 def _guidance_checks(config):
@@ -298,9 +359,15 @@ def validate(config, *, job: str | None = None):
   for key, rule in rules.items():
     rule.check(key, values[key])
   if job in ("sample", "likelihood", "convert") and config.job != "diffusion":
-    raise ConfigError(f"config.job={config.job!r} trains a noisy classifier, and {job} runs diffusion models: use the "
-                      "diffusion model's config, with --config.sample.classifier_workdir=<the classifier's workdir>.")
-  _cross_checks(config)
+    use = ("with --config.sample.classifier_workdir=<the classifier's workdir>" if config.job == "classifier" else
+           "and evaluate autoencoders with python -m jaxdiff.evaluation autoencoder")
+    what = {"classifier": "a noisy classifier", "autoencoder": "an autoencoder"}[config.job]
+    raise ConfigError(f"config.job={config.job!r} trains {what}, and {job} runs diffusion models: use the "
+                      f"diffusion model's config, {use}.")
+  _cross_checks(config, job)  # first: a bad value is named whatever the job
+  if job == "evaluate" and config.job != "autoencoder":
+    raise ConfigError(f"config.job={config.job!r}: python -m jaxdiff.evaluation autoencoder evaluates autoencoders "
+                      "(config.job='autoencoder'); score diffusion samples with python -m jaxdiff.evaluation fid.")
 
 
 def validate_for_devices(config, *, job: str | None):

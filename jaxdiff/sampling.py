@@ -42,7 +42,9 @@ _PARTIAL_PREFIX = ".partial-"
 NOT_IN_JOB_IDENTITY = ("seed", "mesh", "distributed", "train", "likelihood", "data.name", "data.data_dir",
                        "data.image_dir", "data.split", "data.random_flip", "data.random_crop", "model.init_from",
                        "sample.per_device_batch_size", "sample.num_samples", "classifier",
-                       "sample.classifier_workdir", "sample.classifier_from")
+                       "sample.classifier_workdir", "sample.classifier_from",
+                       # a pixel-space model reads neither; a latent job names its autoencoder's weights itself
+                       "autoencoder", "autoencoder_loss")
 
 
 def to_uint8(images: jax.Array) -> jax.Array:

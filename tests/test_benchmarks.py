@@ -1,6 +1,7 @@
 """benchmarks/compare_pytorch.py at a tiny size, so the script keeps working as jaxdiff changes."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -55,3 +56,19 @@ def test_guidance_demo_smoke(tmp_path):
   rows, times = demo.main(['--part', 'classifier', '--smoke', '--num-samples', '10', '--workdir', str(tmp_path)])
   assert len(rows) == 4 and 'accuracy' not in rows[0] and all(0 <= r['accuracy'] <= 1 for r in rows[1:])
   assert 'train noisy classifier' in times and os.path.exists(tmp_path / 'classifier_grid.png')
+
+
+@pytest.mark.slow
+def test_autoencoder_demo_smoke(tfds_dir, tmp_path):
+  """benchmarks/autoencoder_demo.py end to end on the smoke configs (the job itself is tested in
+  test_autoencoder_jobs.py)."""
+  path = os.path.join(REPO, 'benchmarks', 'autoencoder_demo.py')
+  spec = importlib.util.spec_from_file_location('autoencoder_demo', path)
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  demo.main(['--part', 'vq', '--smoke', '--workdir', str(tmp_path), '--data_dir', tfds_dir])
+  with open(tmp_path / 'vq' / 'vq_demo.json') as f:
+    result = json.load(f)
+  assert result['held_out_digits'] == 500 and result['step'] == 4 and result['train_seconds'] > 0
+  assert 0 <= result['judge_accuracy_reconstructions'] <= 1 and result['rfd_judge'] >= 0
+  assert os.path.exists(tmp_path / 'vq' / 'autoencoder_vq.png')

@@ -1,4 +1,6 @@
-"""`python -m jaxdiff.evaluation {fid,stats}`: FID / IS of samples and reference statistics of a dataset."""
+"""`python -m jaxdiff.evaluation {fid,stats,autoencoder}`: FID / IS of samples, reference statistics of a dataset,
+and the reconstruction quality of an autoencoder (PSNR, SSIM, LPIPS, rFID; it takes train.py's --config and
+--workdir flags: `python -m jaxdiff.evaluation autoencoder --config=configs/autoencoder_kl_mnist.py --workdir=W`)."""
 
 import argparse
 import json
@@ -91,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ['autoencoder']:  # a config-driven job: the absl flags of train.py
+    from jaxdiff import cli as job_cli
+    return job_cli.run_in_process('evaluate', ['python -m jaxdiff.evaluation autoencoder', *argv[1:]])
   args = parser().parse_args(argv)
   xla_flags.add_cpu_defaults()  # before JAX starts a backend
   try:

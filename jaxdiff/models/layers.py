@@ -179,7 +179,8 @@ class Upsample(nn.Module):
 
 
 class ResBlock(nn.Module):
-  """Residual block conditioned on the time (and class) embedding.
+  """Residual block conditioned on the time (and class) embedding, or unconditioned when `emb` is None (the
+  autoencoders: no time_proj parameters).
 
   resample 'up'/'down' resizes inside the block (BigGAN style, as ADM's resblock_updown): after the first
   norm+SiLU on the residual branch and, without a conv, on the skip branch.
@@ -204,14 +205,17 @@ class ResBlock(nn.Module):
       h, x = resize(h), resize(x)
     h = conv(self.out_channels, name='conv1', **kw)(h)
 
-    emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-    emb = nn.Dense(emb_width, name='time_proj', dtype=jnp.float32, param_dtype=self.param_dtype)(nn.silu(emb))
-    emb = emb[:, None, None, :]
-    if self.use_scale_shift_norm:
-      scale, shift = jnp.split(emb, 2, axis=-1)
-      h = group_norm(h, name='norm2', **norm) * (1 + scale) + shift
+    if emb is None:
+      h = group_norm(h, name='norm2', **norm)
     else:
-      h = group_norm(h + emb, name='norm2', **norm)
+      emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+      emb = nn.Dense(emb_width, name='time_proj', dtype=jnp.float32, param_dtype=self.param_dtype)(nn.silu(emb))
+      emb = emb[:, None, None, :]
+      if self.use_scale_shift_norm:
+        scale, shift = jnp.split(emb, 2, axis=-1)
+        h = group_norm(h, name='norm2', **norm) * (1 + scale) + shift
+      else:
+        h = group_norm(h + emb, name='norm2', **norm)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     # Zero-initialised so each block starts as the identity.
     h = conv(self.out_channels, name='conv2', zero_init=True, **kw)(h)

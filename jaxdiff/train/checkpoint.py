@@ -34,6 +34,14 @@ def state_layout(abstract_state) -> str:
 NULL_CLASS = "null class (train.cond_drop_prob > 0)"
 # The same for a noisy classifier (config.job="classifier").
 CLASSIFIER_SHAPE_KEYS = ("job", "classifier", "data.image_size", "data.channels", "num_classes")
+# And for an autoencoder (config.job="autoencoder"): a convolutional network fits any image size.
+AUTOENCODER_SHAPE_KEYS = ("job", "autoencoder", "autoencoder_loss.disc_layers", "autoencoder_loss.disc_channels",
+                          "data.channels")
+SHAPE_KEYS_OF = {"diffusion": SHAPE_KEYS, "classifier": CLASSIFIER_SHAPE_KEYS, "autoencoder": AUTOENCODER_SHAPE_KEYS}
+# Entries of those sections that change no parameter shape: a checkpoint may be reused across them.
+FREE_KEYS = {"model": ("dtype", "remat", "dropout", "init_from"),
+             "classifier": ("dropout", "eval_split", "eval_batches"),
+             "autoencoder": ("scale_factor", "scale_batches", "init_from", "eval_split", "eval_batches")}
 
 
 def model_signature(config, num_classes: int, abstract_state, *, network: str = "diffusion",
@@ -44,7 +52,7 @@ def model_signature(config, num_classes: int, abstract_state, *, network: str = 
   """
   full = json.loads(config.to_json_best_effort())
   signature = {}
-  for key in CLASSIFIER_SHAPE_KEYS if network == "classifier" else SHAPE_KEYS:
+  for key in SHAPE_KEYS_OF[network]:
     if key in ("num_classes", "job"):
       signature[key] = num_classes if key == "num_classes" else network
       continue
@@ -52,11 +60,9 @@ def model_signature(config, num_classes: int, abstract_state, *, network: str = 
     for part in key.split("."):
       value = value[part]
     signature[key] = value
-  # These change no parameter shape: a checkpoint may be reused across them.
-  for free in ("dtype", "remat", "dropout", "init_from"):
-    signature.get("model", {}).pop(free, None)
-  for free in ("dropout", "eval_split", "eval_batches"):
-    signature.get("classifier", {}).pop(free, None)
+  for section, free_keys in FREE_KEYS.items():
+    for free in free_keys:
+      signature.get(section, {}).pop(free, None)
   if null_class:
     signature[NULL_CLASS] = True
   signature["state_layout"] = state_layout(abstract_state)
@@ -74,6 +80,9 @@ def comparable(signature: dict) -> dict:
 
 
 def _describe_mismatch(saved: dict, current: dict) -> str:
+  jobs = saved.get("job", "diffusion"), current.get("job", "diffusion")  # diffusion signatures predate the key
+  if jobs[0] != jobs[1]:  # another kind of network: its sections say nothing more useful
+    return f"config.job: {jobs[0]!r} in the checkpoint, {jobs[1]!r} in the config"
   diffs = []
   for key in sorted(set(saved) | set(current)):
     a, b = saved.get(key), current.get(key)

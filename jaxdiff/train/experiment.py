@@ -1,24 +1,27 @@
 """Turns a config into the pieces a run needs: network, diffusion, optimizer, mesh and shardings.
 
-`config.job` picks the network: the diffusion UNet, or the noisy classifier of classifier guidance (which trains on
-the same diffusion's x_t). Sampling with classifier guidance builds both from one config.
+`config.job` picks the network: the diffusion UNet, the noisy classifier of classifier guidance (which trains on
+the same diffusion's x_t), or the autoencoder of latent diffusion (with its discriminator and second optimizer).
+Sampling with classifier guidance builds both the UNet and the classifier from one config.
 """
 
 import dataclasses
+import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
 from jaxdiff import config_schema
 from jaxdiff import data as data_lib
 from jaxdiff import models
+from jaxdiff.models import autoencoder, discriminator
 from jaxdiff.diffusion import GaussianDiffusion, create_diffusion
 from jaxdiff.errors import CheckpointError, ConfigError
 from jaxdiff.train import checkpoint as checkpoint_lib
+from jaxdiff.train import autoencoder as autoencoder_train
 from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import TrainState, create_state, make_optimizer
 
@@ -32,8 +35,14 @@ class Experiment:
   num_classes: int  # 0 when the model is unconditional; a classifier's class count
   mesh: jax.sharding.Mesh
   state_sharding: Any = None
-  network: str = "diffusion"  # config.job's network: diffusion | classifier
+  network: str = "diffusion"  # config.job's network: diffusion | classifier | autoencoder
   null_class: bool = False  # the label table has a learned null class (index num_classes) for guidance
+  # key -> a fresh train state; None: the TrainState of `model` and `tx` (diffusion and classifier)
+  make_state: Callable[[jax.Array], Any] | None = None
+  discriminator: Any = None  # the autoencoder's patch-GAN, and its optimizer
+  disc_tx: optax.GradientTransformation | None = None
+  # abstract params -> host params a fresh run starts from (imported PyTorch weights); None: the initialisation
+  initial_params: Callable[[Any], Any] | None = None
 
   @property
   def sample_shape(self) -> tuple[int, int, int]:
@@ -52,6 +61,8 @@ class Experiment:
         max_to_keep=self.config.train.keep_checkpoints)
 
   def _init(self, key: jax.Array) -> TrainState:
+    if self.make_state is not None:
+      return self.make_state(key)
     inputs = models.dummy_inputs(self.model, self.config.data.image_size, self.config.data.channels,
                                  self.num_classes or None)
     params = self.model.init(key, *inputs, train=False)["params"]
@@ -62,7 +73,12 @@ class Experiment:
 
   def init_state(self, key: jax.Array) -> TrainState:
     """A fresh state, created on the devices by one jitted program (no full host-side copy)."""
-    return jax.jit(self._init, out_shardings=self.state_sharding)(key)
+    state = jax.jit(self._init, out_shardings=self.state_sharding)(key)
+    if self.initial_params is not None:
+      weights = self.initial_params(self.abstract_state().params)
+      put = lambda: mesh_lib.host_to_mesh(weights, self.state_sharding.params, process_local=False)
+      state = state.replace(params=put(), ema_params=put())  # two buffers: the step donates both
+    return state
 
   def abstract_state_with_sharding(self) -> TrainState:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -109,6 +125,13 @@ def label_classes(config, *, why: str) -> int:
   return info.num_classes
 
 
+def optimizer(config, learning_rate: float) -> optax.GradientTransformation:
+  t = config.train
+  return make_optimizer(learning_rate=learning_rate, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip,
+                        skip_nonfinite=t.skip_nonfinite_steps, schedule=t.lr_schedule, num_steps=t.num_steps,
+                        weight_decay=t.weight_decay, b1=t.adam_b1, b2=t.adam_b2)
+
+
 def build(config, *, job: str | None = None, network: str | None = None) -> Experiment:
   """Checks the config (for `job` on these devices) and builds the network (`config.job`'s unless `network` says
   otherwise), diffusion, optimizer and mesh."""
@@ -118,7 +141,10 @@ def build(config, *, job: str | None = None, network: str | None = None) -> Expe
   d = config.data
   diffusion = create_diffusion(config.diffusion)
   null_class = False
-  if network == "classifier":
+  if network == "autoencoder":
+    num_classes = 0
+    model = autoencoder.create_autoencoder(config.autoencoder, channels=d.channels)
+  elif network == "classifier":
     num_classes = label_classes(config, why="a classifier (config.job='classifier' or sample.classifier_scale)")
     model = models.create_classifier(config.classifier, config.model, image_size=d.image_size,
                                      num_classes=num_classes)
@@ -130,12 +156,17 @@ def build(config, *, job: str | None = None, network: str | None = None) -> Expe
     model = models.create_model(config.model, image_size=d.image_size, in_channels=d.channels,
                                 out_channels=d.channels * diffusion.output_channels_factor,
                                 num_classes=num_classes or None, null_class=null_class)
-  tx = make_optimizer(learning_rate=config.train.learning_rate, warmup_steps=config.train.warmup_steps,
-                      grad_clip=config.train.grad_clip, skip_nonfinite=config.train.skip_nonfinite_steps,
-                      schedule=config.train.lr_schedule, num_steps=config.train.num_steps,
-                      weight_decay=config.train.weight_decay)
+  tx = optimizer(config, config.train.learning_rate)
   mesh = mesh_lib.make_mesh(config.mesh)
   exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh,
                    network=network, null_class=null_class)
+  if network == "autoencoder":
+    exp.discriminator = discriminator.NLayerDiscriminator(base_channels=config.autoencoder_loss.disc_channels,
+                                                          num_layers=config.autoencoder_loss.disc_layers)
+    exp.disc_tx = optimizer(config, config.train.disc_learning_rate or config.train.learning_rate)
+    exp.make_state = functools.partial(autoencoder_train.init_state, model=model, discriminator=exp.discriminator,
+                                       tx=tx, disc_tx=exp.disc_tx, image_shape=exp.sample_shape)
+    if config.autoencoder.init_from:
+      exp.initial_params = functools.partial(autoencoder_train.imported_params, config)
   exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)
   return exp

@@ -1,5 +1,6 @@
 """What each `config.job` trains, for the one generic loop in loop.py: its jitted train step, its input batches and
-what it shows people at `train.sample_every` and at the end (a sample grid; accuracy by t on a held-out split).
+what it shows people at `train.sample_every` and at the end (a sample grid; accuracy by t on a held-out split;
+inputs beside reconstructions, PSNR/SSIM and the latent scale factor).
 
 A job is built from an Experiment and provides
   train_step()                              -> jitted (state, batch) -> (state, metrics), the state donated
@@ -20,6 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxdiff import data as data_lib
 from jaxdiff import sampling
 from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
+from jaxdiff.evaluation import reconstruction
+from jaxdiff.models import lpips
+from jaxdiff.train import autoencoder as autoencoder_train
 from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import classifier_outputs, classifier_train_step, train_step
@@ -144,5 +148,120 @@ class ClassifierJob:
     return {"evaluation": result, "evaluation_file": path}
 
 
+LATENT_SCALE_FILE = "latent_scale.json"
+
+
+class AutoencoderJob:
+  """The first stage of latent diffusion: autoencoder and patch-GAN in one step (train/autoencoder.py). Shows inputs
+  beside their reconstructions, PSNR/SSIM on `autoencoder.eval_split`, and measures the latent scale factor
+  (1 / std of the latents over `autoencoder.scale_batches` training batches, LDM's scale_by_std) into
+  `latent_scale.json`, which the latent diffusion stage reads with the weights."""
+
+  def __init__(self, exp: experiment_lib.Experiment):
+    self.exp = exp
+    self._replicated = NamedSharding(exp.mesh, P())
+    self._outputs = jax.jit(self._outputs_fn, out_shardings=self._replicated)
+    self._latent_sums = jax.jit(self._latent_sums_fn, out_shardings=self._replicated)
+
+  def _perceptual(self):
+    """(LPIPS as a function of (params, x, y), its params on the mesh), or (None, None) when its weight is 0."""
+    al = self.exp.config.autoencoder_loss
+    if al.perceptual_weight == 0:
+      return None, None
+    params = mesh_lib.host_to_mesh(lpips.load_lpips_params(al.lpips_vgg, al.lpips_heads), self._replicated,
+                                   process_local=False)
+    module = lpips.LPIPS()
+    return (lambda p, x, y: module.apply({"params": p}, x, y)), params
+
+  def train_step(self):
+    exp = self.exp
+    perceptual, perceptual_params = self._perceptual()
+    weights = autoencoder_train.LossWeights.from_config(exp.config)
+    steps = {gan: jax.jit(functools.partial(
+        autoencoder_train.train_step, model=exp.model, discriminator=exp.discriminator, perceptual=perceptual,
+        tx=exp.tx, disc_tx=exp.disc_tx, base_key=_base_key(exp), ema_decay=exp.config.train.ema_decay,
+        weights=weights, gan=gan),
+        donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding, self._replicated),
+        out_shardings=(exp.state_sharding, None)) for gan in (False, True)}
+
+    def step(state, batch):
+      # Reading the step waits for the previous one; the next batch is already loaded by then.
+      return steps[int(state.step) >= weights.disc_start](state, batch, perceptual_params)
+    return step
+
+  def _outputs_fn(self, params, batch):
+    """Reconstructions (the posterior's mode) and per-image PSNR and SSIM, whole batch on every process."""
+    x = batch["image"]
+    recon, _, _ = autoencoder_train.reconstruct(self.exp.model, params, x)
+    recon = jnp.clip(recon, -1.0, 1.0)
+    return {"input": x, "reconstruction": recon, "psnr": reconstruction.psnr(x, recon),
+            "ssim": reconstruction.ssim(x, recon)}
+
+  def _latent_sums_fn(self, params, batch, index):
+    z = autoencoder_train.latents(self.exp.model, params, batch["image"],
+                                  jax.random.fold_in(jax.random.key(self.exp.config.seed), index))
+    z = z.astype(jnp.float32)
+    return jnp.stack([jnp.float32(z.size), jnp.sum(z), jnp.sum(jnp.square(z))])
+
+  def evaluate(self, params) -> tuple[dict, dict]:
+    """(PSNR/SSIM means on the evaluation split, the first batch's inputs and reconstructions)."""
+    a = self.exp.config.autoencoder
+    data = input_batches(self.exp, 0, split=a.eval_split or None, augment=False)
+    psnr, ssim, first = [], [], None
+    for _ in range(a.eval_batches):
+      out = jax.device_get(self._outputs(params, self.exp.shard_batch(next(data))))
+      psnr.append(out["psnr"])
+      ssim.append(out["ssim"])
+      first = out if first is None else first
+    psnr, ssim = np.concatenate(psnr), np.concatenate(ssim)
+    # Identical images have infinite PSNR; the mean is over the finite ones, and their count is reported.
+    finite = np.isfinite(psnr)
+    return {"examples": int(len(psnr)), "psnr": float(psnr[finite].mean()) if finite.any() else float("inf"),
+            "identical": int((~finite).sum()), "ssim": float(ssim.mean())}, first
+
+  def latent_scale(self, params) -> dict:
+    """The std of the latents over `autoencoder.scale_batches` training batches, and 1 / std."""
+    a = self.exp.config.autoencoder
+    data = input_batches(self.exp, 0, augment=False)
+    sums = np.zeros(3, np.float64)
+    for i in range(a.scale_batches):
+      index = mesh_lib.host_to_mesh(np.uint32(2_000_003 + i), self._replicated, process_local=False)
+      sums += np.asarray(self._latent_sums(params, self.exp.shard_batch(next(data)), index), np.float64)
+    count, total, squares = sums
+    std = float(np.sqrt(max(squares / count - (total / count) ** 2, 0.0) * count / max(count - 1, 1)))
+    return {"latent_std": std, "scale_factor": 1.0 / std if std > 0 else float("inf"),
+            "latent_mean": float(total / count), "batches": a.scale_batches}
+
+  def show(self, state, workdir: str, step: int, writer) -> dict:
+    params = state.ema_params if self.exp.config.sample.use_ema else state.params
+    result, first = self.evaluate(params)
+    scale = {"step": step, "kind": self.exp.config.autoencoder.kind, **self.latent_scale(params)}
+    if writer:
+      for name in ("psnr", "ssim"):
+        writer.add_scalar(f"eval/{name}", result[name], step)
+      writer.add_scalar("eval/latent_std", scale["latent_std"], step)
+    logging.info("Step %d: held-out PSNR %.2f dB, SSIM %.4f over %d images; latent std %.4f (scale factor %.5f).",
+                 step, result["psnr"], result["ssim"], result["examples"], scale["latent_std"],
+                 scale["scale_factor"])
+    n = min(self.exp.config.train.num_grid_samples, len(first["input"]))
+    pairs = np.concatenate([first["input"][:n], first["reconstruction"][:n]], axis=2)  # input | reconstruction
+    grid = os.path.join(workdir, "samples", f"reconstructions_step{step:07d}.png")
+    evaluation_file = os.path.join(workdir, "evaluation", f"autoencoder_step{step:07d}.json")
+    scale_file = os.path.join(workdir, LATENT_SCALE_FILE)
+    if jax.process_index() == 0:
+      sampling.save_grid(np.asarray(sampling.to_uint8(pairs)), grid)
+      os.makedirs(os.path.dirname(evaluation_file), exist_ok=True)
+      with open(evaluation_file, "w") as f:
+        json.dump(result, f, indent=2)
+      with open(scale_file + ".tmp", "w") as f:
+        json.dump(scale, f, indent=2)
+      os.replace(scale_file + ".tmp", scale_file)  # a reader never sees half a file
+    return {"grid": grid, "evaluation": result, "evaluation_file": evaluation_file, "latent_scale": scale,
+            "latent_scale_file": scale_file}
+
+
+JOBS = {"diffusion": DiffusionJob, "classifier": ClassifierJob, "autoencoder": AutoencoderJob}
+
+
 def for_experiment(exp: experiment_lib.Experiment):
-  return ClassifierJob(exp) if exp.network == "classifier" else DiffusionJob(exp)
+  return JOBS[exp.network](exp)

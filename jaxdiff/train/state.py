@@ -27,7 +27,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int, grad_clip: float, skip_nonfinite: bool = False,
                    schedule: str = "constant", num_steps: int = 0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
   """Adam with linear warmup, then a constant rate (the DDPM recipe), a cosine decay or a linear decay (guided-
   diffusion's anneal_lr) to 0 at `num_steps`, and global-norm gradient clipping; AdamW when weight_decay > 0.
 
@@ -42,7 +42,9 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, grad_clip: float,
   else:
     schedule = optax.linear_schedule(0.0, learning_rate, warmup)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-  tx = optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule))
+  adam = (optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay) if weight_decay else
+          optax.adam(schedule, b1=b1, b2=b2))
+  tx = optax.chain(*parts, adam)
   # The loop stops a run after too many skipped steps in a row, so optax's own limit is never the one that acts.
   return optax.apply_if_finite(tx, max_consecutive_errors=2 ** 30) if skip_nonfinite else tx
 
