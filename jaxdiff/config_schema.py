@@ -309,13 +309,9 @@ def _autoencoder_checks(config, job: str | None):
   if d.image_size % factor:
     raise ConfigError(f"data.image_size={d.image_size} must be a multiple of {factor}, the downsampling factor of "
                       f"autoencoder.channel_mult={tuple(a.channel_mult)}.")
-  if any(level >= len(a.channel_mult) for level in a.attention_levels):
-    raise ConfigError(f"autoencoder.attention_levels={tuple(a.attention_levels)} names a level the network lacks: "
-                      f"levels are 0 to {len(a.channel_mult) - 1} (one per channel_mult entry).")
-  for mult in a.channel_mult:
-    if (a.base_channels * mult) % a.norm_groups:
-      raise ConfigError(f"autoencoder.norm_groups={a.norm_groups} must divide every level's channels "
-                        f"(autoencoder.base_channels x channel_mult = {a.base_channels * mult}).")
+  # The network checks the rest of its section as it is built.
+  from jaxdiff.models import autoencoder
+  autoencoder.create_autoencoder(a, channels=d.channels)
 
 
 def _guidance_checks(config):

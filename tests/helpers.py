@@ -12,8 +12,9 @@ from jaxdiff.train import experiment as experiment_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def smoke_config(tfds_dir, **overrides):
-  config = ddpm_mnist.get_config("smoke")
+def smoke_config(tfds_dir, config_module=ddpm_mnist, **overrides):
+  """`config_module`'s :smoke config on the session's data_dir, with {"section.key": value} overrides."""
+  config = config_module.get_config("smoke")
   config.data.data_dir = tfds_dir
   for key, value in overrides.items():
     section, name = key.split(".")

@@ -16,7 +16,7 @@ from PIL import Image
 
 import multihost
 from configs import autoencoder_kl_mnist, autoencoder_vq_mnist
-from helpers import REPO, restore_state, tree_equal
+from helpers import REPO, restore_state, smoke_config, tree_equal
 from jaxdiff import cli
 from jaxdiff.evaluation import cli as evaluation_cli
 from jaxdiff.evaluation import inception
@@ -25,15 +25,6 @@ from jaxdiff.train import loop
 
 KL_SMOKE = "--config=configs/autoencoder_kl_mnist.py:smoke"
 VQ_SMOKE = "--config=configs/autoencoder_vq_mnist.py:smoke"
-
-
-def ae_config(module, tfds_dir, **overrides):
-  config = module.get_config("smoke")
-  config.data.data_dir = tfds_dir
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
 
 
 def states_equal(a, b):
@@ -65,7 +56,7 @@ def lpips_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kl_config(tfds_dir, lpips_files):
-  return ae_config(autoencoder_kl_mnist, tfds_dir, **{
+  return smoke_config(tfds_dir, autoencoder_kl_mnist, **{
       "autoencoder_loss.perceptual_weight": 1.0, "autoencoder_loss.lpips_vgg": lpips_files[0],
       "autoencoder_loss.lpips_heads": lpips_files[1], "train.keep_checkpoints": 5})
 
@@ -79,7 +70,7 @@ def kl_run(kl_config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vq_run(tfds_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae_vq")
-  config = ae_config(autoencoder_vq_mnist, tfds_dir)
+  config = smoke_config(tfds_dir, autoencoder_vq_mnist)
   return config, workdir, loop.run(config, str(workdir))
 
 
@@ -152,7 +143,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tfds_dir, tmp_path):
   output, _ = restarted.communicate(timeout=300)
   assert restarted.returncode == 0, output[-3000:]
   assert 1 <= int(re.search(rf"Resumed at step (\d+) of {num_steps}", output).group(1)) < num_steps
-  config = ae_config(autoencoder_vq_mnist, tfds_dir, **{"train.num_steps": num_steps})
+  config = smoke_config(tfds_dir, autoencoder_vq_mnist, **{"train.num_steps": num_steps})
   straight_state, killed_state = (restore_state(config, str(tmp_path / name)) for name in ("straight", "killed"))
   assert states_equal(straight_state, killed_state)
 
@@ -238,7 +229,7 @@ def test_two_processes_train_like_one_and_evaluate(tfds_dir, tmp_path):
   multihost.run(train_args(tmp_path / "one"), num_processes=1, devices=2)
   outputs = multihost.run(train_args(tmp_path / "two"), num_processes=2, devices=1)
   assert "train finished:" in outputs[0] and "train finished:" not in outputs[1]
-  config = ae_config(autoencoder_vq_mnist, tfds_dir)
+  config = smoke_config(tfds_dir, autoencoder_vq_mnist)
   assert states_equal(restore_state(config, str(tmp_path / "one")), restore_state(config, str(tmp_path / "two")))
   grids = [np.asarray(Image.open(tmp_path / name / "samples" / "reconstructions_step0000004.png"))
            for name in ("one", "two")]
@@ -266,7 +257,7 @@ def test_training_and_evaluation_start_from_imported_weights(tfds_dir, tmp_path,
       layers_per_block=layout["num_res_blocks"], norm_num_groups=layout["norm_groups"],
       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
   vae.save_pretrained(str(tmp_path / "vae"))
-  config = ae_config(autoencoder_kl_mnist, tfds_dir, **{"autoencoder.init_from": str(tmp_path / "vae"),
+  config = smoke_config(tfds_dir, autoencoder_kl_mnist, **{"autoencoder.init_from": str(tmp_path / "vae"),
                                                         "train.num_steps": 0})
   summary = loop.run(config, str(tmp_path / "run"))
   _, imported = load_autoencoder(str(tmp_path / "vae"), config.autoencoder)

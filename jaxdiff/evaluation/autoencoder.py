@@ -13,14 +13,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdiff import sampling
 from jaxdiff.errors import CheckpointError
 from jaxdiff.evaluation import features as features_lib
-from jaxdiff.evaluation import inception, metrics, reconstruction
+from jaxdiff.evaluation import inception, metrics
 from jaxdiff.models import lpips
 from jaxdiff.progress import progress_bar
 from jaxdiff.train import autoencoder as autoencoder_train
@@ -59,13 +58,11 @@ def run(config, workdir: str, *, inception_weights: str | None = None,
     no_inception = str(e)
 
   def outputs(params, perceptual_params, batch):
-    x = batch["image"]
-    recon = jnp.clip(autoencoder_train.reconstruct(exp.model, params, x)[0], -1.0, 1.0)
-    out = {"input": sampling.to_uint8(x), "reconstruction": sampling.to_uint8(recon),
-           "psnr": reconstruction.psnr(x, recon), "ssim": reconstruction.ssim(x, recon)}
+    out = autoencoder_train.quality(exp.model, params, batch["image"])
     if perceptual_params is not None:
-      out["lpips"] = lpips.LPIPS().apply({"params": perceptual_params}, x, recon)
-    return out
+      out["lpips"] = lpips.LPIPS().apply({"params": perceptual_params}, out["input"], out["reconstruction"])
+    return {**out, "input": sampling.to_uint8(out["input"]),
+            "reconstruction": sampling.to_uint8(out["reconstruction"])}
 
   outputs = jax.jit(outputs, out_shardings=replicated)
   data = jobs.input_batches(exp, 0, split=a.eval_split or None, augment=False)
@@ -83,10 +80,9 @@ def run(config, workdir: str, *, inception_weights: str | None = None,
           pools[name].append(extractor.of_array(out[name], desc=name)["pool"])
       bar.update(1)
   psnr = np.concatenate(values["psnr"])
-  finite = np.isfinite(psnr)
   summary = {
       "split": a.eval_split or config.data.split, "examples": int(len(psnr)), **source,
-      "psnr": float(psnr[finite].mean()) if finite.any() else float("inf"), "identical": int((~finite).sum()),
+      **autoencoder_train.mean_psnr(psnr),
       "ssim": float(np.concatenate(values["ssim"]).mean()),
       "lpips": float(np.concatenate(values["lpips"]).mean()) if values["lpips"] else None,
       "rfid": None,

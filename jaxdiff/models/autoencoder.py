@@ -13,6 +13,7 @@ Parameter names (stable; the converter maps onto them):
 `level` counts resolutions from the image (0) down on both paths; up_{level} has num_res_blocks + 1 blocks.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -221,25 +222,13 @@ class VectorQuantizer(nn.Module):
     return z + sg(z_q - z), aux
 
 
-class _FirstStage(nn.Module):
-  """The fields AutoencoderKL and VQModel share."""
-  in_channels: int
-  out_channels: int
-  base_channels: int
-  channel_mult: tuple[int, ...]
-  num_res_blocks: int
-  latent_channels: int
-  mid_attention: bool = True
-  attention_levels: tuple[int, ...] = ()
-  norm_groups: int = 32
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+class _FirstStage(_Tower):
+  """The fields AutoencoderKL and VQModel add to the towers' (which they pass on to both)."""
+  in_channels: int = 3
+  out_channels: int = 3
 
   def _trunk(self):
-    return dict(base_channels=self.base_channels, channel_mult=tuple(self.channel_mult),
-                num_res_blocks=self.num_res_blocks, latent_channels=self.latent_channels,
-                mid_attention=self.mid_attention, attention_levels=tuple(self.attention_levels),
-                norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(_Tower) if f.name not in ('parent', 'name')}
 
 
 class AutoencoderKL(_FirstStage):
@@ -313,8 +302,8 @@ def create_autoencoder(cfg, *, channels, dtype=jnp.float32, param_dtype=jnp.floa
     raise ConfigError('autoencoder.channel_mult is empty: give one multiplier per level, e.g. (1, 2, 4, 4)')
   for width in (base * m for m in mult):
     if width % groups:
-      raise ConfigError(f'autoencoder.base_channels={base} with channel_mult={mult} gives {width} channels, not '
-                        f'divisible by autoencoder.norm_groups={groups}: use multiples of it')
+      raise ConfigError(f"autoencoder.norm_groups={groups} must divide every level's channels "
+                        f'(autoencoder.base_channels x channel_mult = {width}): use a divisor of them')
   attention_levels = tuple(int(level) for level in get('attention_levels'))
   if any(not 0 <= level < len(mult) for level in attention_levels):
     raise ConfigError(f'autoencoder.attention_levels={attention_levels}: levels run from 0 to {len(mult) - 1}')

@@ -14,10 +14,13 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxdiff.errors import CheckpointError
+from jaxdiff.evaluation import reconstruction as reconstruction_metrics
 from jaxdiff.models import discriminator as disc_lib
+from jaxdiff.models.autoencoder import VQModel
 from jaxdiff.train.state import _apply_gradients
 
 # The decoder's last layer, where the adaptive GAN weight compares gradient norms.
@@ -71,11 +74,25 @@ DISC_LOSSES = {"hinge": disc_lib.hinge_d_loss, "vanilla": disc_lib.vanilla_d_los
 def reconstruct(model, params, x, key=None):
   """(reconstruction, regulariser [scalar], extra metrics) of the autoencoder; a KL model samples its posterior
   when `key` is given and takes its mode otherwise."""
-  if getattr(model, "num_embeddings", None) is None:
+  if not isinstance(model, VQModel):
     recon, posterior = model.apply({"params": params}, x, key=key)
     return recon, jnp.mean(posterior.kl()), {}
   recon, aux = model.apply({"params": params}, x)
   return recon, aux["loss"], {"perplexity": aux["perplexity"], "codebook_usage": aux["usage"]}
+
+
+def quality(model, params, x) -> dict:
+  """The reconstruction of x (the posterior's mode, clipped to the image range) and per-image PSNR and SSIM: what
+  the job shows and the evaluation job reports."""
+  recon = jnp.clip(reconstruct(model, params, x)[0], -1.0, 1.0)
+  return {"input": x, "reconstruction": recon, "psnr": reconstruction_metrics.psnr(x, recon),
+          "ssim": reconstruction_metrics.ssim(x, recon)}
+
+
+def mean_psnr(psnr) -> dict:
+  """Mean PSNR over the images that differ (identical ones have infinite PSNR), and how many were identical."""
+  finite = np.isfinite(psnr)
+  return {"psnr": float(psnr[finite].mean()) if finite.any() else float("inf"), "identical": int((~finite).sum())}
 
 
 def _norm(tree) -> jax.Array:
@@ -157,7 +174,7 @@ def latents(model, params, x, key):
   """What latent diffusion diffuses (before the scale factor): a posterior sample (kl, as LDM) or the continuous
   pre-quantisation latents (vq)."""
   encoded = model.apply({"params": params}, x, method=model.encode)
-  return encoded.sample(key) if getattr(model, "num_embeddings", None) is None else encoded
+  return encoded if isinstance(model, VQModel) else encoded.sample(key)
 
 
 def check_shapes(params, expected, *, what: str):

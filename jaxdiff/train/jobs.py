@@ -21,7 +21,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxdiff import data as data_lib
 from jaxdiff import sampling
 from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
-from jaxdiff.evaluation import reconstruction
 from jaxdiff.models import lpips
 from jaxdiff.train import autoencoder as autoencoder_train
 from jaxdiff.train import experiment as experiment_lib
@@ -190,12 +189,7 @@ class AutoencoderJob:
     return step
 
   def _outputs_fn(self, params, batch):
-    """Reconstructions (the posterior's mode) and per-image PSNR and SSIM, whole batch on every process."""
-    x = batch["image"]
-    recon, _, _ = autoencoder_train.reconstruct(self.exp.model, params, x)
-    recon = jnp.clip(recon, -1.0, 1.0)
-    return {"input": x, "reconstruction": recon, "psnr": reconstruction.psnr(x, recon),
-            "ssim": reconstruction.ssim(x, recon)}
+    return autoencoder_train.quality(self.exp.model, params, batch["image"])
 
   def _latent_sums_fn(self, params, batch, index):
     z = autoencoder_train.latents(self.exp.model, params, batch["image"],
@@ -213,11 +207,9 @@ class AutoencoderJob:
       psnr.append(out["psnr"])
       ssim.append(out["ssim"])
       first = out if first is None else first
-    psnr, ssim = np.concatenate(psnr), np.concatenate(ssim)
-    # Identical images have infinite PSNR; the mean is over the finite ones, and their count is reported.
-    finite = np.isfinite(psnr)
-    return {"examples": int(len(psnr)), "psnr": float(psnr[finite].mean()) if finite.any() else float("inf"),
-            "identical": int((~finite).sum()), "ssim": float(ssim.mean())}, first
+    psnr = np.concatenate(psnr)
+    return {"examples": int(len(psnr)), **autoencoder_train.mean_psnr(psnr),
+            "ssim": float(np.concatenate(ssim).mean())}, first
 
   def latent_scale(self, params) -> dict:
     """The std of the latents over `autoencoder.scale_batches` training batches, and 1 / std."""
