@@ -84,9 +84,9 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS):
     if unknown.startswith("config.") or isinstance(key_error, KeyError) or "KeyError" in str(e):
       missing = str(key_error.args[0] if isinstance(key_error, KeyError) else _one_line(e)).strip("'\"")
       key = unknown[len("config."):] if unknown else _override_of(argv, missing)
-      fail(f"unknown config key {key!r}: check the spelling against the config file (configs/default.py lists "
+      fail(f"unknown config key {key!r}: check the spelling against the config file (jaxdiff/defaults.py lists "
            "every key); a locked config takes no new keys.")
-    fail(f"{_one_line(e)}. Run with --helpfull for the flags; config keys are in configs/default.py.")
+    fail(f"{_one_line(e)}. Run with --helpfull for the flags; config keys are in jaxdiff/defaults.py.")
 
 
 def _configure_logging():

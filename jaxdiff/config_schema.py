@@ -2,7 +2,7 @@
 
 `validate(config)` runs before a job does anything (the CLIs call it before jax.distributed starts, and
 experiment.build calls it and then `validate_for_devices(config, job=...)`): a bad value stops with one ConfigError
-naming the key and the fix. `SCHEMA` must list exactly the keys of configs/default.py; a key
+naming the key and the fix. `SCHEMA` must list exactly the keys of jaxdiff/defaults.py; a key
 that a later feature adds gets its rule here (tests/test_config_schema.py fails until it does), and each rule knows a
 bad value, so the test can show that every key is checked.
 """
@@ -16,8 +16,10 @@ from jaxdiff.errors import ConfigError
 
 JOBS = ("train", "sample", "likelihood", "convert", "evaluate")
 # What `config.job` trains (train.py); the other CLI jobs run diffusion models only.
-NETWORK_JOBS = ("diffusion", "classifier", "autoencoder")
+NETWORK_JOBS = ("diffusion", "classifier", "autoencoder", "latent_diffusion")
+LATENT_CONDITIONS = ("none", "class", "text")
 AUTOENCODER_KINDS = ("kl", "vq")
+TEXT_ENCODER_KINDS = ("", "clip")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 DISC_LOSSES = ("hinge", "vanilla")
 LABEL_MODES = ("cycle", "fixed", "random")
@@ -104,7 +106,7 @@ def network_rules(section: str) -> dict[str, Rule]:
       "channel_mult": channel_mult,
       "num_res_blocks": either(integer(1), integers(1)),
       "attention_resolutions": integers(1, allow_empty=True),
-      "num_heads": integer(1),
+      "num_heads": either(integer(1), integers(1)),
       "num_head_channels": either(integer(-1, -1), integer(1)),
       "legacy_qkv_order": boolean(),
       "use_scale_shift_norm": boolean(),
@@ -117,9 +119,11 @@ def network_rules(section: str) -> dict[str, Rule]:
 
 def _schema() -> dict[str, Rule]:
   # Imported here so importing this module stays light; the choices live beside the code that uses them.
+  from jaxdiff.data.pipeline import CAPTION_SOURCES, is_caption_template
   from jaxdiff.diffusion import gaussian, samplers, schedules, timesteps
   from jaxdiff.models import DTYPES, POOLS
   from jaxdiff.models.layers import DOWNSAMPLE_PADDINGS
+  from jaxdiff.models import clip
   from jaxdiff.train.state import LR_SCHEDULES
   seed = integer(0, 2 ** 32 - 1)
   return {
@@ -141,6 +145,13 @@ def _schema() -> dict[str, Rule]:
       "data.channels": choice((1, 3)),
       "data.random_flip": boolean(),
       "data.random_crop": boolean(),
+      "data.captions": choice(CAPTION_SOURCES),
+      "data.text_feature": text(pattern=r"|[A-Za-z_]\w*", bad="0",
+                                words="a text feature / metadata.jsonl column name, or '' for the only one"),
+      "data.caption_template": Rule(is_caption_template, "a string with one {} for the class name, e.g. 'a photo of "
+                                    "a {}'", "no-placeholder"),
+      "data.class_names": Rule(lambda v: isinstance(v, (tuple, list)) and all(isinstance(n, str) and n for n in v),
+                               "a tuple of non-empty class names, or () for the dataset's", "(1,)"),
       **network_rules("model"),
       "model.norm_eps": number(0, 1, low_open=True, high_open=True),
       "model.conv_resample": boolean(),
@@ -149,6 +160,9 @@ def _schema() -> dict[str, Rule]:
       "model.freq_shift": number(0),
       "model.mid_block_scale_factor": number(0, low_open=True),
       "model.patch_size": integer(1),
+      "model.transformer_depth": either(integer(0), integers(0)),
+      "model.context_dim": integer(0),
+      "model.use_linear_projection": boolean(),
       "model.class_conditional": boolean(),
       "model.num_classes": integer(0),
       "model.init_from": path(exists=True),
@@ -219,14 +233,39 @@ def _schema() -> dict[str, Rule]:
       "autoencoder_loss.disc_loss": choice(DISC_LOSSES),
       "autoencoder_loss.disc_layers": integer(1),
       "autoencoder_loss.disc_channels": integer(1),
+      "latent.autoencoder_workdir": path(exists=True),
+      "latent.autoencoder_use_ema": boolean(),
+      "latent.condition": choice(LATENT_CONDITIONS),
+      "text_encoder.kind": choice(TEXT_ENCODER_KINDS),
+      "text_encoder.vocab_size": integer(2),
+      "text_encoder.width": integer(1),
+      "text_encoder.num_layers": integer(1),
+      "text_encoder.num_heads": integer(1),
+      "text_encoder.max_length": integer(2),
+      "text_encoder.activation": choice(clip.ACTIVATIONS),
+      "text_encoder.output": choice(clip.OUTPUTS),
+      "text_encoder.projection_dim": integer(0),
+      "text_encoder.eos_token_id": integer(0),
+      "text_encoder.pad_token": text(pattern=r"\S*", words="'' (the tokenizer folder's) or one token without spaces",
+                                     bad="a b"),
+      "text_encoder.tokenizer": path(exists=True),
+      "text_encoder.init_from": path(exists=True),
+      "text_encoder.trainable": boolean(),
       "sample.num_samples": integer(1),
       "sample.per_device_batch_size": integer(1),
       "sample.clip_denoised": boolean(),
       "sample.use_ema": boolean(),
       "sample.seed": seed,
       "sample.sampler": choice(samplers.SAMPLERS),
-      "sample.timestep_respacing": Rule(lambda v: isinstance(v, str), "'', 'N', 'N1,N2,...' or 'ddimN'", "abc"),
+      "sample.timestep_respacing": Rule(lambda v: isinstance(v, str), "'', 'N', 'N1,N2,...', 'ddimN', 'leadingN', "
+                                        "'trailingN' or 'linspaceN'", "abc"),
+      "sample.steps_offset": integer(0),
+      "sample.set_alpha_to_one": boolean(),
       "sample.eta": number(0),
+      "sample.prompt": text(pattern=r"[^\n\r]*", words="one line of text (several prompts: sample.prompt_file)",
+                            bad="two\nlines"),
+      "sample.prompt_file": path(exists=True),
+      "sample.negative_prompt": text(pattern=r"[^\n\r]*", words="one line of text", bad="two\nlines"),
       "sample.labels": choice(LABEL_MODES),
       "sample.class_label": integer(0),
       "sample.guidance_scale": number(0),
@@ -277,22 +316,86 @@ def _cross_checks(config, job: str | None = None):
     raise ConfigError(f"data.name={IMAGE_FOLDER!r} needs a folder of images: set --config.data.image_dir.")
   if d.image_dir and d.name != IMAGE_FOLDER:
     raise ConfigError(f"data.image_dir is only read with data.name={IMAGE_FOLDER!r}: set that, or unset image_dir.")
+  if d.text_feature and d.captions != "text":
+    raise ConfigError(f"data.text_feature={d.text_feature!r} is only read with data.captions='text': set that, or "
+                      "unset text_feature.")
   if config.job == "autoencoder":  # it reads no diffusion, UNet or sampling section
     _autoencoder_checks(config, job)
     return
   # The schedule, sampler and network check the rest of their sections as they are built.
+  latent = config.job == "latent_diffusion"
+  if latent:
+    _latent_checks(config, job)
+  elif m.context_dim or config.latent.condition != "none":
+    raise ConfigError(f"model.context_dim={m.context_dim} / latent.condition={config.latent.condition!r} condition "
+                      "a latent diffusion model: set --config.job=latent_diffusion, or 0 / 'none'.")
   from jaxdiff.diffusion import gaussian, get_sampler, schedules
   betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps,
                               beta_start=config.diffusion.beta_start, beta_end=config.diffusion.beta_end)
-  schedules.space_timesteps(len(betas), config.sample.timestep_respacing)
+  schedules.space_timesteps(len(betas), config.sample.timestep_respacing, sampler=config.sample.sampler,
+                            steps_offset=config.sample.steps_offset)
   var_type = gaussian.VarType(config.diffusion.var_type)
   gaussian.parse_loss(config.diffusion.loss, var_type)
   get_sampler(config.sample.sampler, eta=config.sample.eta)
   from jaxdiff import models
   factor = 2 if var_type == gaussian.VarType.LEARNED_RANGE else 1
-  models.create_model(m, image_size=d.image_size, in_channels=d.channels, out_channels=d.channels * factor,
-                      num_classes=(m.num_classes or 2) if m.class_conditional else None)
+  if not latent:  # a latent UNet is built at the first stage's latent size (_latent_checks)
+    models.create_model(m, image_size=d.image_size, in_channels=d.channels, out_channels=d.channels * factor,
+                        num_classes=(m.num_classes or 2) if m.class_conditional else None)
   _guidance_checks(config)
+
+
+def _latent_checks(config, job: str | None):
+  """A latent job's first stage, conditioning and text encoder (the UNet is checked at the latent size when the
+  autoencoder's layout is in the config; an autoencoder run's layout is read from its checkpoint when built)."""
+  lat, a, m, te, s = config.latent, config.autoencoder, config.model, config.text_encoder, config.sample
+  if bool(lat.autoencoder_workdir) == bool(a.init_from):
+    raise ConfigError("A latent diffusion model needs one frozen autoencoder: set --config.latent.autoencoder_workdir "
+                      "(a config.job=autoencoder run) or --config.autoencoder.init_from (PyTorch weights), not "
+                      f"{'both' if a.init_from else 'neither'}.")
+  if s.clip_denoised:
+    raise ConfigError("sample.clip_denoised=True clips to [-1, 1], and latents are not bounded: set "
+                      "--config.sample.clip_denoised=False for latent diffusion.")
+  if s.classifier_scale > 0:
+    raise ConfigError("sample.classifier_scale > 0: classifier guidance runs on pixels; guide a latent model with "
+                      "sample.guidance_scale (classifier-free).")
+  if lat.condition in ("class", "text") and not m.context_dim:
+    raise ConfigError(f"latent.condition={lat.condition!r} cross-attends to a context: set model.context_dim (and "
+                      "model.transformer_depth >= 1).")
+  if lat.condition == "none" and m.context_dim:
+    raise ConfigError(f"model.context_dim={m.context_dim} needs a context: set latent.condition to 'class' or 'text', "
+                      "or context_dim=0.")
+  if lat.condition == "text":
+    if te.kind != "clip":
+      raise ConfigError("latent.condition='text' needs a text encoder: set --config.text_encoder.kind=clip.")
+    if te.width != m.context_dim:
+      raise ConfigError(f"text_encoder.width={te.width} differs from model.context_dim={m.context_dim}: the UNet "
+                        "cross-attends to the text encoder's hidden states, so set both to the same width.")
+    if not te.tokenizer:
+      raise ConfigError("latent.condition='text' needs a tokenizer: set --config.text_encoder.tokenizer to a folder "
+                        "with vocab.json + merges.txt (or tokenizer.json).")
+    if not te.trainable and not te.init_from:
+      raise ConfigError("A frozen text encoder (text_encoder.trainable=False) needs weights: set "
+                        "--config.text_encoder.init_from, or train it with text_encoder.trainable=True.")
+    if job == "sample" and not (s.prompt or s.prompt_file):
+      raise ConfigError("A text-conditioned model samples from prompts: set --config.sample.prompt or "
+                        "--config.sample.prompt_file (one prompt a line).")
+    if job == "train" and config.data.captions == "":
+      raise ConfigError("latent.condition='text' trains on captions: set --config.data.captions to 'text' (the "
+                        "data's) or 'label' (made from the class names).")
+  elif te.kind:
+    raise ConfigError(f"text_encoder.kind={te.kind!r} is read only with latent.condition='text': set that, or ''.")
+  if a.init_from:
+    from jaxdiff import models
+    from jaxdiff.models import autoencoder
+    autoencoder.create_autoencoder(a, channels=config.data.channels)
+    f = 2 ** (len(a.channel_mult) - 1)
+    if config.data.image_size % f:
+      raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of {f}, the downsampling "
+                        f"factor of autoencoder.channel_mult={tuple(a.channel_mult)}.")
+    models.create_model(m, image_size=config.data.image_size // f, in_channels=a.latent_channels,
+                        out_channels=a.latent_channels, num_classes=(m.num_classes or 2) if m.class_conditional
+                        else None)
 
 
 def _autoencoder_checks(config, job: str | None):
@@ -317,10 +420,11 @@ def _autoencoder_checks(config, job: str | None):
 def _guidance_checks(config):
   """Classifier-free and classifier guidance, and the noisy classifier's network."""
   m, s, t = config.model, config.sample, config.train
-  if t.cond_drop_prob > 0 and not m.class_conditional and config.job == "diffusion":
+  conditioned = m.class_conditional or (config.job == "latent_diffusion" and config.latent.condition != "none")
+  if t.cond_drop_prob > 0 and not conditioned and config.job in ("diffusion", "latent_diffusion"):
     raise ConfigError(f"train.cond_drop_prob={t.cond_drop_prob} drops the class of a class-conditional model: set "
                       "--config.model.class_conditional=True, or 0.")
-  if s.guidance_scale != 1 and not m.class_conditional:
+  if s.guidance_scale != 1 and not conditioned:
     raise ConfigError(f"sample.guidance_scale={s.guidance_scale} needs a class-conditional model: set "
                       "--config.model.class_conditional=True, or guidance_scale=1 (use sample.classifier_scale to "
                       "guide an unconditional model with a classifier).")
@@ -347,14 +451,18 @@ def validate(config, *, job: str | None = None):
   rules = schema()
   unknown = sorted(set(values) - set(rules))
   if unknown:
-    raise ConfigError(f"unknown config key {unknown[0]!r}: configs start from configs/default.py, which lists every "
+    raise ConfigError(f"unknown config key {unknown[0]!r}: configs start from jaxdiff/defaults.py, which lists every "
                       "key; check the spelling.")
   missing = sorted(set(rules) - set(values))
   if missing:
-    raise ConfigError(f"the config lacks {missing[0]!r}: build it from configs/default.py's get_config().")
+    raise ConfigError(f"the config lacks {missing[0]!r}: build it from jaxdiff/defaults.py's get_config().")
   for key, rule in rules.items():
     rule.check(key, values[key])
-  if job in ("sample", "likelihood", "convert") and config.job != "diffusion":
+  if job in ("sample", "likelihood", "convert") and config.job not in ("diffusion", "latent_diffusion") or (
+      job in ("likelihood", "convert") and config.job == "latent_diffusion"):
+    if config.job == "latent_diffusion":
+      raise ConfigError(f"{job} runs pixel-space diffusion models; a latent diffusion model samples with sample.py "
+                        "(import Stable Diffusion weights with model.init_from / jaxdiff.load_pipeline).")
     use = ("with --config.sample.classifier_workdir=<the classifier's workdir>" if config.job == "classifier" else
            "and evaluate autoencoders with python -m jaxdiff.evaluation autoencoder")
     what = {"classifier": "a noisy classifier", "autoencoder": "an autoencoder"}[config.job]

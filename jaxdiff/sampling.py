@@ -6,7 +6,6 @@ so a job never reuses another setting's shards. Every device runs the same compi
 `sample.per_device_batch_size` images, so an image is bitwise the same whatever the number of devices or processes.
 """
 
-import functools
 import glob
 import hashlib
 import json
@@ -41,8 +40,9 @@ _PARTIAL_PREFIX = ".partial-"
 # The classifier of classifier guidance joins the identity as the network and weights really used (`classifier`).
 NOT_IN_JOB_IDENTITY = ("seed", "mesh", "distributed", "train", "likelihood", "data.name", "data.data_dir",
                        "data.image_dir", "data.split", "data.random_flip", "data.random_crop", "model.init_from",
-                       "sample.per_device_batch_size", "sample.num_samples", "classifier",
-                       "sample.classifier_workdir", "sample.classifier_from",
+                       "sample.per_device_batch_size", "sample.num_samples", "classifier", "sample.prompt_file",
+                       "sample.classifier_workdir", "sample.classifier_from", "text_encoder.init_from",
+                       "latent.autoencoder_workdir",
                        # a pixel-space model reads neither; a latent job names its autoencoder's weights itself
                        "autoencoder", "autoencoder_loss")
 
@@ -72,15 +72,30 @@ def class_labels(indices, num_classes: int, sample_cfg=None):
   return (indices % num_classes).astype(np.int32)
 
 
+def read_prompts(sample_cfg) -> list[str]:
+  """The prompts of `sample.prompt` or `sample.prompt_file` (one a line, blank lines skipped)."""
+  if sample_cfg.prompt_file:
+    with open(sample_cfg.prompt_file, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+      raise ConfigError(f"sample.prompt_file={sample_cfg.prompt_file} holds no prompt: write one prompt a line.")
+    return prompts
+  return [sample_cfg.prompt] if sample_cfg.prompt else []
+
+
 class SampleFn:
   """(params, seed, indices: uint32 [B] host array) -> uint8 images [B, H, W, C] as a global array.
 
   B must be a multiple of the device count. `jitted` and `device_args` expose the program for benchmarks. With
   `classifier` (a (network, params) pair) and sample.classifier_scale > 0, the classifier's gradient guides every
-  step; sample.guidance_scale != 1 runs classifier-free guidance with the model's null class.
+  step; sample.guidance_scale != 1 runs classifier-free guidance against the condition's null value (the null class,
+  or the negative prompt's tokens). A latent model samples latents and decodes them with its frozen autoencoder in
+  the same program; a text-conditioned one draws sample i from prompt i mod the number of prompts. With
+  `as_float`, images are floats in [-1, 1] instead of uint8.
   """
 
-  def __init__(self, exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None):
+  def __init__(self, exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None, prompts=None,
+               negative_prompt: str | None = None, as_float: bool = False):
     s = exp.config.sample
     sampler = get_sampler(s.sampler, eta=s.eta)
     self._replicated = NamedSharding(exp.mesh, P())
@@ -90,46 +105,84 @@ class SampleFn:
       raise ConfigError(f"sample.class_label={s.class_label} is not a class of this model: use one of 0.."
                         f"{self.num_classes - 1}.")
     self._sample_cfg = s
+    self._text = isinstance(exp.condition, conditioning.TextConditioner)
+    self.prompts = list(prompts if prompts is not None else read_prompts(s)) if self._text else []
+    if self._text and not self.prompts:
+      raise ConfigError("A text-conditioned model samples from prompts: set --config.sample.prompt or "
+                        "--config.sample.prompt_file.")
+    self._tokenizer = exp.tokenizer
+    if self._text:
+      self.set_negative_prompt(s.negative_prompt if negative_prompt is None else negative_prompt)
     self._classifier_params = classifier[1] if classifier else None
+    self._frozen = exp.frozen_params() if exp.first_stage is not None else {}
     # The process is an argument, not a constant folded into the program.
-    self._diffusion = mesh_lib.host_to_mesh(create_diffusion(exp.config.diffusion, s.timestep_respacing),
-                                            self._replicated, process_local=False)
-    guidance_scale = float(s.guidance_scale) if exp.num_classes else 1.0
+    process = create_diffusion(exp.config.diffusion, s.timestep_respacing, sampler=s.sampler,
+                               steps_offset=s.steps_offset, set_alpha_to_one=s.set_alpha_to_one)
+    self._diffusion = mesh_lib.host_to_mesh(process, self._replicated, process_local=False)
+    guidance_scale = float(s.guidance_scale) if exp.condition is not None else 1.0
+    model, stage = exp.model, exp.first_stage
+    wrapped = isinstance(model, conditioning.ConditionedUNet)
 
-    def sample(diffusion, params, classifier_params, seed, indices, labels):
-      def apply(x, t, cond):
-        return exp.model.apply({"params": params}, x, t, cond.get("label"), train=False)
-      cond = conditioning.class_condition(labels) if exp.num_classes else {}
-      null = conditioning.null_class_condition(labels.shape[0], exp.num_classes) if guidance_scale != 1 else None
-      denoise = guidance.classifier_free(apply, cond, null, guidance_scale, diffusion)
+    def sample(diffusion, params, frozen, classifier_params, seed, indices, cond, null):
+      variables = {"params": {**params, **({"embedder": frozen["embedder"]} if "embedder" in frozen else {})}}
+      if wrapped:  # embedded once, outside the sampling loop
+        cond = model.apply(variables, cond, method=model.embed)
+        null = model.apply(variables, null, method=model.embed) if guidance_scale != 1 else None
+
+      def apply(x, t, c):
+        if wrapped:
+          return model.apply(variables, x, t, c, train=False, method=model.denoise)
+        return model.apply(variables, x, t, c or None, train=False)
+      denoise = guidance.classifier_free(apply, cond, null if guidance_scale != 1 else None, guidance_scale,
+                                         diffusion)
       guide = None
       if classifier is not None:
         logits = lambda x, t: classifier[0].apply({"params": classifier_params}, x, t, train=False)
-        guide = guidance.classifier_guide(logits, labels, float(s.classifier_scale))
-      images = sampler(diffusion, denoise, sample_keys(seed, indices), exp.sample_shape,
+        guide = guidance.classifier_guide(logits, cond["label"], float(s.classifier_scale))
+      images = sampler(diffusion, denoise, sample_keys(seed, indices), exp.diffusion_shape,
                        clip_denoised=clip_denoised, guide=guide)
-      return to_uint8(images)
+      if stage is not None:
+        images = stage.model.apply({"params": frozen["autoencoder"]}, images / stage.scale_factor,
+                                   method=stage.model.decode)
+      return jnp.clip(images.astype(jnp.float32), -1, 1) if as_float else to_uint8(images)
 
     self.jitted = jax.jit(sample, out_shardings=exp.batch_sharding)
 
+  def set_negative_prompt(self, text: str):
+    """The prompt of the unconditional half of classifier-free guidance ("" = the null caption it trained with)."""
+    self._null_tokens = np.asarray(self._tokenizer([text])[0], np.int32)
+
   def labels(self, indices) -> np.ndarray | None:
+    """Each sample's class, or for a text-conditioned model the index of its prompt."""
+    if self._text:
+      return (np.asarray(indices) % len(self.prompts)).astype(np.int32)
     return class_labels(indices, self.num_classes, self._sample_cfg)
 
-  def device_args(self, params, seed: int, indices: np.ndarray) -> tuple:
+  def conditions(self, indices) -> tuple[dict, dict]:
+    """The raw condition of each index and its null value, as host arrays."""
+    n = len(indices)
+    if self._text:
+      tokens = self._tokenizer([self.prompts[i] for i in self.labels(indices)])
+      return {"tokens": np.asarray(tokens, np.int32)}, {"tokens": np.tile(self._null_tokens, (n, 1))}
     labels = self.labels(indices)
-    labels = np.zeros(len(indices), np.int32) if labels is None else labels
-    return (self._diffusion, params, self._classifier_params,
+    if labels is None:
+      return {}, {}
+    return {"label": labels}, {"label": np.full(n, self.num_classes, np.int32)}
+
+  def device_args(self, params, seed: int, indices: np.ndarray) -> tuple:
+    cond, null = self.conditions(indices)
+    put = lambda tree: mesh_lib.host_to_mesh(tree, self._batch_sharding, process_local=False)
+    return (self._diffusion, params, self._frozen, self._classifier_params,
             mesh_lib.host_to_mesh(np.uint32(seed), self._replicated, process_local=False),
-            mesh_lib.host_to_mesh(np.asarray(indices, np.uint32), self._batch_sharding, process_local=False),
-            mesh_lib.host_to_mesh(labels, self._batch_sharding, process_local=False))
+            put(np.asarray(indices, np.uint32)), put(cond), put(null))
 
   def __call__(self, params, seed: int, indices: np.ndarray) -> jax.Array:
     return self.jitted(*self.device_args(params, seed, indices))
 
 
-def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None) -> SampleFn:
+def make_sample_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None, **kwargs) -> SampleFn:
   """The sampler, respacing, eta and guidance of `config.sample` as one jitted program over the mesh."""
-  return SampleFn(exp, clip_denoised=clip_denoised, classifier=classifier)
+  return SampleFn(exp, clip_denoised=clip_denoised, classifier=classifier, **kwargs)
 
 
 def draw_indices(sample_fn, params, *, seed: int, indices: np.ndarray):
@@ -198,9 +251,11 @@ def params_fingerprint(params) -> str:
   return hashlib.sha256(f"{layout}|{sums[0]}|{sums[1]}".encode()).hexdigest()[:16]
 
 
-def job_identity(config, *, step: int, fingerprint: str, classifier: dict | None = None) -> dict:
-  """Everything that decides a job's images: the config minus NOT_IN_JOB_IDENTITY, the weights, and the guiding
-  classifier (its network, source and weights' fingerprint) when sample.classifier_scale > 0."""
+def job_identity(config, *, step: int, fingerprint: str, classifier: dict | None = None,
+                 extra: dict | None = None) -> dict:
+  """Everything that decides a job's images: the config minus NOT_IN_JOB_IDENTITY, the weights, the guiding
+  classifier (its network, source and weights' fingerprint) when sample.classifier_scale > 0, and `extra` (a latent
+  model's frozen weights and prompts)."""
   settings = json.loads(config.to_json_best_effort())
   for key in NOT_IN_JOB_IDENTITY:
     *parents, last = key.split(".")
@@ -212,7 +267,20 @@ def job_identity(config, *, step: int, fingerprint: str, classifier: dict | None
   identity = {"settings": settings, "weights": {"source": source, "step": step, "fingerprint": fingerprint}}
   if classifier is not None:
     identity["classifier"] = classifier
+  identity.update(extra or {})
   return identity
+
+
+def latent_identity(exp: experiment_lib.Experiment, sample_fn: "SampleFn") -> dict:
+  """What a latent model's images also depend on: the first stage (layout, scale, weights), a frozen text encoder's
+  weights and the prompts themselves (a prompt file's path says nothing of its lines)."""
+  frozen = exp.frozen_params()
+  extra = {"first_stage": {**exp.first_stage.signature(), "fingerprint": params_fingerprint(frozen["autoencoder"])}}
+  if "embedder" in frozen:
+    extra["text_encoder_fingerprint"] = params_fingerprint(frozen["embedder"])
+  if sample_fn.prompts:
+    extra["prompts"] = sample_fn.prompts
+  return extra
 
 
 def job_name(identity: dict) -> str:
@@ -312,7 +380,10 @@ def run(config, workdir: str) -> dict:
     network, classifier_params, described = weights.load_classifier(exp)
     classifier = (network, classifier_params)
     classifier_identity = dict(described, fingerprint=params_fingerprint(classifier_params))
-  identity = job_identity(config, step=step, fingerprint=params_fingerprint(params), classifier=classifier_identity)
+  sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised, classifier=classifier)
+  extra = latent_identity(exp, sample_fn) if exp.first_stage is not None else None
+  identity = job_identity(config, step=step, fingerprint=params_fingerprint(params), classifier=classifier_identity,
+                          extra=extra)
   job_dir = os.path.join(workdir, "samples", job_name(identity))
   shard_dir = os.path.join(job_dir, "shards")
   is_main = jax.process_index() == 0
@@ -326,7 +397,6 @@ def run(config, workdir: str) -> dict:
   if multihost_utils.broadcast_one_to_all(np.int32(bool(problem))):
     raise UserError(problem or f"{job_dir}/job.json describes other settings: see process 0's error.")
   todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples, exp.sample_shape))
-  sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised, classifier=classifier)
   global_batch = s.per_device_batch_size * jax.device_count()
   start_time = time.time()
   with progress_bar(total=s.num_samples, initial=s.num_samples - len(todo), desc="sampling", unit="img",

@@ -4,7 +4,6 @@ writes a checkpoint it restores."""
 
 import dataclasses
 import json
-import os
 
 import ml_collections
 
@@ -18,6 +17,14 @@ from jaxdiff.train import mesh as mesh_lib
 def load(exp: experiment_lib.Experiment, workdir: str, *, use_ema: bool):
   """(params on the mesh, step): step 0 for converted weights."""
   config = exp.config
+  if config.model.init_from and exp.initial_params is not None:  # a latent UNet: its own importers
+    abstract = exp.abstract_state().params
+    params = exp.initial_params(abstract)
+    if set(params) != set(abstract):
+      raise CheckpointError(f"model.init_from={config.model.init_from} holds the UNet, and this model also trains "
+                            f"its {', '.join(sorted(set(abstract) - set(params)))}: sample from the workdir of a run "
+                            "that trained it, or freeze it (text_encoder.trainable=False with its weights).")
+    return mesh_lib.host_to_mesh(params, exp.state_sharding.params, process_local=False), 0
   if config.model.init_from:
     params = convert.load_for_model(config.model.init_from, exp.model, image_size=config.data.image_size,
                                     in_channels=config.data.channels)
@@ -33,18 +40,7 @@ def load_classifier(exp: experiment_lib.Experiment):
   config, s = exp.config, exp.config.sample
   cfg = ml_collections.ConfigDict(config.to_dict())
   if s.classifier_workdir:
-    directory = os.path.join(s.classifier_workdir, "checkpoints")
-    saved = None
-    if os.path.isdir(directory):
-      reader = checkpoint_lib.Checkpointer(directory, signature={})
-      saved = reader.saved_signature()
-      reader.close()
-    if saved is None:
-      raise CheckpointError(f"No classifier checkpoint in {os.path.abspath(directory)}: train one with train.py "
-                            "--config.job=classifier --workdir=<dir>, then pass that dir as sample.classifier_workdir.")
-    if saved.get("job") != "classifier":
-      raise CheckpointError(f"{s.classifier_workdir} holds a diffusion model, not a classifier: pass the workdir of a "
-                            "run trained with --config.job=classifier.")
+    saved = checkpoint_lib.saved_run(s.classifier_workdir, job="classifier", key="sample.classifier_workdir")
     size, channels = saved["data.image_size"], saved["data.channels"]
     if (size, channels) != (config.data.image_size, config.data.channels):
       raise CheckpointError(f"The classifier in {s.classifier_workdir} sees {size}x{size}x{channels} images and the "

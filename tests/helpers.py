@@ -63,3 +63,28 @@ def parse_config(args):
     return holder.config.copy_and_resolve_references()
   finally:
     os.chdir(cwd)
+
+
+def run_cli(job, capsys, *args):
+  """(exit status, stderr) of `python <job>.py <args>` run in this process from the repository (a failing job)."""
+  import pytest
+  from jaxdiff import cli
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.run_in_process(job, [job, *args])
+  finally:
+    os.chdir(cwd)
+  return exit_info.value.code, capsys.readouterr().err
+
+
+def randomize_torch(module, seed=0):
+  """Every weight of a PyTorch module random, norm scales, biases and codebooks too, at a scale that keeps
+  activations O(1): the guided-diffusion fixtures' scheme (scripts/make_guided_diffusion_fixtures.py)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('fixtures_script',
+                                                os.path.join(REPO, 'scripts', 'make_guided_diffusion_fixtures.py'))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  return script.randomize(module, seed)

@@ -3,7 +3,6 @@ folders, CompVis-named .ckpt and .safetensors), tiled decoding, the vector quant
 bad checkpoints."""
 
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import randomize_torch as randomize
 from jaxdiff.convert import common
 from jaxdiff.convert.autoencoder import load_autoencoder
 from jaxdiff.errors import CheckpointError, ConfigError
@@ -22,18 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDED_DIFFUSION_WEIGHTS = os.path.join(REPO, 'tests', 'fixtures', 'guided_diffusion', 'tiny_adm.safetensors')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def torch_one_thread():
-  """PyTorch on one thread for this module: once JAX has run, PyTorch's OpenMP threads contend with XLA's on a small
-  CPU (a tiny decode takes 0.5 s on 2 threads, 16 ms on 1). Restored after the module."""
-  if importlib.util.find_spec('torch') is None:
-    yield
-    return
-  import torch  # pylint: disable=import-outside-toplevel
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+# PyTorch on one thread for this module (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures('torch_one_thread')
 
 
 def rel_err(a, b):
@@ -71,13 +61,6 @@ CONFIGS = {
 }
 
 
-def randomize(module, seed):
-  """Every weight random (guided-diffusion fixtures' scheme: norm scales and biases too, codebook N(0, 1))."""
-  spec = importlib.util.spec_from_file_location('fixtures_script',
-                                                os.path.join(REPO, 'scripts', 'make_guided_diffusion_fixtures.py'))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
-  return script.randomize(module, seed)
 
 
 def diffusers_folder(folder, name, seed=0):

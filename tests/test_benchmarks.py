@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from helpers import REPO
@@ -72,3 +73,16 @@ def test_autoencoder_demo_smoke(tfds_dir, tmp_path):
   assert result['held_out_digits'] == 500 and result['step'] == 4 and result['train_seconds'] > 0
   assert 0 <= result['judge_accuracy_reconstructions'] <= 1 and result['rfd_judge'] >= 0
   assert os.path.exists(tmp_path / 'vq' / 'autoencoder_vq.png')
+
+
+@pytest.mark.slow
+def test_ldm_demo_smoke(tfds_dir, tmp_path):
+  """benchmarks/ldm_demo.py end to end on the smoke configs (the job itself is tested in test_latent_diffusion.py)."""
+  path = os.path.join(REPO, 'benchmarks', 'ldm_demo.py')
+  spec = importlib.util.spec_from_file_location('ldm_demo', path)
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  row, times = demo.main(['--smoke', '--num-samples', '20', '--workdir', str(tmp_path), '--data_dir', tfds_dir])
+  assert 0 <= row['accuracy'] <= 1 and row['n'] == 20 and np.isfinite(row['fd'])
+  assert set(times) == {'train autoencoder', 'train latent diffusion', 'sample'}
+  assert os.path.exists(tmp_path / 'ldm_grid.png')

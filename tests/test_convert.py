@@ -56,7 +56,7 @@ def apply_nchw(converted, x, t, y, dtype='float32'):
                        out_channels=converted.out_channels, num_classes=cfg.num_classes or None)
   out = jax.jit(functools.partial(model.apply, train=False))(
       {'params': converted.params}, jnp.asarray(x).transpose(0, 2, 3, 1), jnp.asarray(t, jnp.float32),
-      None if y is None else jnp.asarray(y))
+      None if y is None else {'label': jnp.asarray(y)})
   return np.asarray(out).transpose(0, 3, 1, 2)
 
 

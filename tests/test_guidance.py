@@ -165,13 +165,13 @@ def _tiny_conditional(var_type=VarType.FIXED_LARGE, mean_type=MeanType.EPSILON):
                                            mean_type=mean_type, var_type=var_type)
   model = models.UNet(out_channels=2 if var_type == VarType.LEARNED_RANGE else 1, base_channels=16,
                       channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), norm_groups=8, num_classes=4)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
-                      train=False)["params"]
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
+                      {"label": jnp.zeros((1,), jnp.int32)}, train=False)["params"]
   # Every parameter perturbed: with the zero-initialised output convolutions every class would predict the same.
   leaves, tree = jax.tree.flatten(params)
   params = jax.tree.unflatten(tree, [v + 0.2 * jax.random.normal(jax.random.key(i), v.shape)
                                      for i, v in enumerate(leaves)])
-  apply = lambda x, t, cond: model.apply({"params": params}, x, t, cond["label"], train=False)
+  apply = lambda x, t, cond: model.apply({"params": params}, x, t, cond, train=False)
   return diffusion, apply
 
 

@@ -12,8 +12,8 @@ import pytest
 
 import multihost
 from configs import classifier_mnist
-from helpers import REPO, restore_state, smoke_config, tree_equal
-from jaxdiff import cli, sampling
+from helpers import restore_state, run_cli, smoke_config, tree_equal
+from jaxdiff import sampling
 from jaxdiff.data import pipeline
 from jaxdiff.errors import CheckpointError
 from jaxdiff.train import loop
@@ -170,16 +170,9 @@ def test_classifier_guidance_of_a_class_conditional_model_with_cfg(cfg_run, clas
 
 
 def _cli(job, tmp_path, capsys, *args):
-  cwd = os.getcwd()
-  os.chdir(REPO)
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      cli.run_in_process(job, [job, *args])
-  finally:
-    os.chdir(cwd)
-  stderr = capsys.readouterr().err
+  code, stderr = run_cli(job, capsys, *args)
   errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-  assert exit_info.value.code == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr
+  assert code == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr
   return errors[0]
 
 
@@ -193,7 +186,7 @@ def test_bad_classifiers_are_named_in_one_line(unconditional_run, classifier_run
   empty.mkdir()
   assert "No classifier checkpoint in" in _cli("sample", tmp_path, capsys, *uncond,
                                               f"--config.sample.classifier_workdir={empty}")
-  assert "holds a diffusion model, not a classifier" in _cli(
+  assert "holds a config.job='diffusion' run, not a config.job='classifier' one" in _cli(
       "sample", tmp_path, capsys, *uncond, f"--config.sample.classifier_workdir={cfg_run[1]}")
   # A classifier of other classes than the class-conditional model's.
   other_classes = tmp_path / "classifier_12"

@@ -22,8 +22,8 @@ def count(tree):
 
 def inputs(batch=2, size=8, channels=3, num_classes=None):
   x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
-  y = None if num_classes is None else jnp.arange(batch) % num_classes
-  return x, jnp.linspace(0, 999, batch), y
+  cond = None if num_classes is None else {'label': jnp.arange(batch) % num_classes}
+  return x, jnp.linspace(0, 999, batch), cond
 
 
 def ddpm_config(**overrides):

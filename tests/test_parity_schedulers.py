@@ -14,6 +14,9 @@ Conventions matched (jaxdiff's are improved DDPM's):
 - DDIM inversion runs DDIMInverseScheduler the same way (its test says how its timesteps correspond).
 - Noise: x_T and every step's noise come from jaxdiff's keys and are handed to diffusers (`variance_noise` for DDIM;
   DDPMScheduler draws its own, so its `randn_tensor` is patched to return jaxdiff's draw).
+- Stable Diffusion: the "leadingN" / "trailingN" / "linspaceN" spacings, steps_offset and set_alpha_to_one run
+  against schedulers built `from_config` of SD 1.5 / 2.1 scheduler configs, through jaxdiff.convert.scheduler; the
+  processes there are made by `create_diffusion` as sampling makes them.
 The network is a fixed nonlinear function of (x, t) evaluated in JAX for both. Every x_t the network sees and the
 final sample must agree within 1e-5 relative error (max |a - b| / max |b|).
 """
@@ -25,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.diffusion import GaussianDiffusion, MeanType, VarType, schedules
+from configs import default
+from jaxdiff.convert import scheduler as convert_scheduler
+from jaxdiff.diffusion import GaussianDiffusion, MeanType, VarType, create_diffusion, schedules
 from jaxdiff.diffusion import samplers
+from jaxdiff.errors import CheckpointError, ConfigError
 
 torch = pytest.importorskip("torch", reason="parity tests need the torch extra: pip install torch==2.13.0")
 diffusers = pytest.importorskip("diffusers", reason="parity tests need the torch extra (diffusers)")
@@ -76,23 +82,24 @@ def run_jaxdiff(sampler, diffusion, denoise, keys, **kwargs):
   return [seen[i] for i in sorted(seen, reverse=True)] + [final]
 
 
-def to_torch(x):
-  return torch.from_numpy(np.moveaxis(np.asarray(x, np.float64), -1, 1).copy())
+def to_torch(x, dtype=np.float64):
+  return torch.from_numpy(np.moveaxis(np.asarray(x, dtype), -1, 1).copy())
 
 
 def to_numpy(x):
   return np.moveaxis(x.numpy(), 1, -1).astype(np.float32)
 
 
-def run_diffusers(scheduler, denoise, x_T, step_kwargs):
+def run_diffusers(scheduler, denoise, x_T, step_kwargs, dtype=torch.float64):
   """Every x the network saw and the final sample; step_kwargs(k) gives extra `step` arguments of step k."""
-  sample = to_torch(x_T)
+  dtype = np.float64 if dtype == torch.float64 else np.float32
+  sample = to_torch(x_T, dtype)
   seen = []
   for k, t in enumerate(scheduler.timesteps):
     x = to_numpy(sample)
     seen.append(x)
     out = denoise(jnp.asarray(x), jnp.full((x.shape[0],), int(t), jnp.int32))
-    sample = scheduler.step(to_torch(out), t, sample, **step_kwargs(k)).prev_sample
+    sample = scheduler.step(to_torch(out, dtype), t, sample, **step_kwargs(k)).prev_sample
   return seen + [to_numpy(sample)]
 
 
@@ -210,3 +217,187 @@ def test_dpm_solver_pp_matches_multistep_scheduler(schedule, num_timesteps, resp
   scheduler.set_timesteps(timesteps=[int(t) for t in kept[::-1]])
   x_T, _ = noises(diffusion, keys)
   assert_trajectories_match(ours, run_diffusers(scheduler, denoise, x_T, lambda k: {}))
+
+
+# Stable Diffusion: the scaled_linear schedule, diffusers' timestep spacings, steps_offset and set_alpha_to_one, and
+# scheduler_config.json files mapped by jaxdiff.convert.scheduler.
+SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, as written by diffusers 0.6
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+SD21 = {  # stabilityai/stable-diffusion-2-1 (768, v-prediction)
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+SCHEDULER_CLASSES = schedules.DIFFUSERS_SCHEDULERS
+
+
+def test_scaled_linear_matches_diffusers_float32_schedule():
+  """jaxdiff forms SD's schedule in float64; diffusers in float32, 2e-7 off in beta and ~1e-6 in alphas_cumprod."""
+  ours = schedules.get_betas("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012)
+  scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+  np.testing.assert_allclose(ours, scheduler.betas.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(np.cumprod(1 - ours), scheduler.alphas_cumprod.numpy(), rtol=3e-6)
+  np.testing.assert_allclose(ours[[0, -1]], [0.00085, 0.012], rtol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULER_CLASSES))
+@pytest.mark.parametrize("spacing", schedules.DIFFUSERS_SPACINGS)
+@pytest.mark.parametrize("steps_offset", [0, 1, 3])
+def test_diffusers_spacings_match_set_timesteps(sampler, spacing, steps_offset):
+  """Step counts of a 1000-step process: the same timesteps, or a ConfigError where diffusers' are not distinct
+  timesteps in [0, T) (e.g. "trailing61" ends at -1)."""
+  scheduler = getattr(diffusers, SCHEDULER_CLASSES[sampler])(timestep_spacing=spacing, steps_offset=steps_offset)
+  for steps in [*range(1, 130), 250, 333, 500, 998, 999, 1000]:
+    scheduler.set_timesteps(steps)
+    theirs = scheduler.timesteps.numpy()
+    if len(set(theirs)) == len(theirs) and theirs.min() >= 0 and theirs.max() < 1000:
+      kept = schedules.space_timesteps(1000, f"{spacing}{steps}", sampler=sampler, steps_offset=steps_offset)
+      np.testing.assert_array_equal(kept, np.sort(theirs), err_msg=f"{spacing}{steps}")
+    else:
+      with pytest.raises(ConfigError, match=f"timestep_respacing={spacing}{steps} "):
+        schedules.space_timesteps(1000, f"{spacing}{steps}", sampler=sampler, steps_offset=steps_offset)
+
+
+def sd_process(scheduler_cfg, sampler, steps):
+  """The jaxdiff process of a scheduler config, through jaxdiff.convert.scheduler as a user gets it."""
+  diffusion_overrides, sample = convert_scheduler.sampling_from_scheduler_config(scheduler_cfg, sampler=sampler,
+                                                                                 steps=steps)
+  diffusion_cfg = default.get_config().diffusion
+  diffusion_cfg.update(diffusion_overrides)
+  diffusion = create_diffusion(diffusion_cfg, sample["timestep_respacing"], sampler=sampler,
+                               steps_offset=sample["steps_offset"], set_alpha_to_one=sample["set_alpha_to_one"])
+  alphas_cumprod = np.cumprod(1 - schedules.get_betas("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012))
+  return diffusion, alphas_cumprod, sample
+
+
+@pytest.mark.parametrize("spacing,steps,prediction_type,eta", [
+    ("leading", 10, "epsilon", 0.0), ("leading", 10, "v_prediction", 0.0), ("leading", 50, "epsilon", 0.0),
+    ("leading", 50, "v_prediction", 0.0),
+    ("trailing", 15, "v_prediction", 0.0),  # 1000 / 15 is no integer: each step lands 33 below where the next starts
+    ("linspace", 10, "epsilon", 1.0),  # steps to t - 100 from 0, 111, ...; eta = 1 adds noise into alphas_cumprod[0]
+])
+def test_ddim_matches_stable_diffusion_ddim_scheduler(spacing, steps, prediction_type, eta):
+  """SD 2.1's DDIMScheduler config (steps_offset=1, set_alpha_to_one=False, clip_sample=False): "leadingN" with
+  steps_offset 1 visits 1 + k * T // N and the last step lands on alphas_cumprod[0]."""
+  cfg = dict(SD21, prediction_type=prediction_type, timestep_spacing=spacing)
+  diffusion, alphas_cumprod, sample = sd_process(cfg, "ddim", steps)
+  assert sample == dict(sampler="ddim", timestep_respacing=f"{spacing}{steps}", steps_offset=1,
+                        set_alpha_to_one=False, clip_denoised=False)
+  denoise = functools.partial(fake_network, num_timesteps=1000, learned_variance=False)
+  keys = jax.random.split(jax.random.key(4), 2)
+  ours = run_jaxdiff(samplers.ddim_sample, diffusion, denoise, keys, eta=eta, clip_denoised=False)
+
+  scheduler = diffusers.DDIMScheduler.from_config(cfg)
+  assert (scheduler.config.timestep_spacing, scheduler.config.set_alpha_to_one) == (spacing, False)
+  scheduler.alphas_cumprod = torch.from_numpy(alphas_cumprod)
+  scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
+  scheduler.set_timesteps(steps)
+  np.testing.assert_array_equal(np.asarray(diffusion.timestep_map)[::-1], scheduler.timesteps.numpy())
+  x_T, step_noise = noises(diffusion, keys)
+  theirs = run_diffusers(scheduler, denoise, x_T, lambda k: {"eta": eta, "variance_noise": to_torch(
+      step_noise(steps - 1 - k))})
+  assert_trajectories_match(ours, theirs)
+
+
+@pytest.mark.parametrize("spacing,steps,prediction_type", [
+    (None, 10, "epsilon"), (None, 10, "v_prediction"), (None, 20, "epsilon"), (None, 20, "v_prediction"),
+    ("trailing", 20, "epsilon"), ("leading", 10, "epsilon")])
+def test_dpm_solver_pp_matches_stable_diffusion_multistep_scheduler(spacing, steps, prediction_type):
+  """DPMSolverMultistepScheduler.from_config(SD 1.5's PNDM config), as SD users swap it in: its own defaults fill
+  what the config lacks (linspace spacing, final_sigmas_type='zero', lower_order_final), steps_offset=1 shifts
+  "leadingN" only, set_alpha_to_one is not read."""
+  cfg = dict(SD15, prediction_type=prediction_type, **({"timestep_spacing": spacing} if spacing else {}))
+  diffusion, alphas_cumprod, sample = sd_process(cfg, "dpm_solver++", steps)
+  assert sample["timestep_respacing"] == f"{spacing or 'linspace'}{steps}" and not sample["clip_denoised"]
+  denoise = functools.partial(fake_network, num_timesteps=1000, learned_variance=False)
+  keys = jax.random.split(jax.random.key(5), 2)
+  ours = run_jaxdiff(samplers.dpm_solver_pp_sample, diffusion, denoise, keys, clip_denoised=False)
+
+  scheduler = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
+  scheduler.alphas_cumprod = torch.from_numpy(alphas_cumprod)  # set_timesteps forms its sigmas from these
+  scheduler.set_timesteps(steps)
+  np.testing.assert_array_equal(np.asarray(diffusion.timestep_map)[::-1], scheduler.timesteps.numpy())
+  x_T, _ = noises(diffusion, keys)
+  assert_trajectories_match(ours, run_diffusers(scheduler, denoise, x_T, lambda k: {}))
+
+
+@pytest.mark.parametrize("name,steps", [("ddim", 50), ("dpm_solver++", 20)])
+def test_float32_diffusers_as_pipelines_run_it(name, steps):
+  """StableDiffusionPipeline runs the scheduler in float32 from its float32 alphas_cumprod: jaxdiff stays within
+  RTOL of that too (1.3e-6 measured; what is left is diffusers' rounding, which the tests above take out)."""
+  diffusion, _, _ = sd_process(SD15, name, steps)
+  denoise = functools.partial(fake_network, num_timesteps=1000, learned_variance=False)
+  keys = jax.random.split(jax.random.key(6), 2)
+  sampler = samplers.ddim_sample if name == "ddim" else samplers.dpm_solver_pp_sample
+  ours = run_jaxdiff(sampler, diffusion, denoise, keys, clip_denoised=False)
+  cls = diffusers.DDIMScheduler if name == "ddim" else diffusers.DPMSolverMultistepScheduler
+  scheduler = cls.from_config(SD15)
+  scheduler.set_timesteps(steps)
+  x_T, _ = noises(diffusion, keys)
+  theirs = run_diffusers(scheduler, denoise, x_T, lambda k: {}, dtype=torch.float32)
+  assert_trajectories_match(ours, theirs)
+
+
+def test_scheduler_configs_of_stable_diffusion():
+  diffusion, sample = convert_scheduler.sampling_from_scheduler_config(SD15)
+  assert diffusion == dict(num_timesteps=1000, schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           mean_type="epsilon")
+  assert sample == dict(steps_offset=1, set_alpha_to_one=False, clip_denoised=False)  # PNDM: no jaxdiff sampler
+  _, ddim = convert_scheduler.sampling_from_scheduler_config(SD15, sampler="ddim", steps=50)
+  assert ddim["timestep_respacing"] == "leading50" and ddim["sampler"] == "ddim"
+  diffusion, sample = convert_scheduler.sampling_from_scheduler_config(SD21, steps=25)
+  assert diffusion["mean_type"] == "v" and sample == dict(sampler="ddim", timestep_respacing="leading25",
+                                                          steps_offset=1, set_alpha_to_one=False, clip_denoised=False)
+  # A DDIM config without clip_sample clips, as DDIMScheduler.from_config of it does.
+  _, sample = convert_scheduler.sampling_from_scheduler_config({"_class_name": "DDIMScheduler"}, steps=10)
+  assert sample == dict(sampler="ddim", timestep_respacing="leading10", steps_offset=0, set_alpha_to_one=True,
+                        clip_denoised=True)
+  diffusion, sample = convert_scheduler.sampling_from_scheduler_config(
+      {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range"})
+  assert diffusion == dict(num_timesteps=1000, schedule="cosine", mean_type="epsilon", var_type="learned_range")
+  assert sample["sampler"] == "ancestral"
+  _, sample = convert_scheduler.sampling_from_scheduler_config(
+      dict(SD15, _class_name="EulerDiscreteScheduler", timestep_spacing="trailing"), sampler="dpm_solver++", steps=8)
+  assert sample["timestep_respacing"] == "trailing8"
+  assert convert_scheduler.respacing_for("linspace", 30) == "linspace30"
+
+
+@pytest.mark.parametrize("cfg,sampler", [(SD15, "ddim"), (SD15, "dpm_solver++"), (SD21, "ddim"),
+                                         (SD21, "dpm_solver++"), (dict(SD21, timestep_spacing="trailing"), "ddim")])
+def test_scheduler_config_timesteps_are_those_of_from_config(cfg, sampler):
+  diffusion, sample = convert_scheduler.sampling_from_scheduler_config(cfg, sampler=sampler, steps=30)
+  scheduler = getattr(diffusers, SCHEDULER_CLASSES[sampler]).from_config(cfg)
+  scheduler.set_timesteps(30)
+  kept = schedules.space_timesteps(diffusion["num_timesteps"], sample["timestep_respacing"], sampler=sampler,
+                                   steps_offset=sample["steps_offset"])
+  np.testing.assert_array_equal(kept, np.sort(scheduler.timesteps.numpy()))
+
+
+@pytest.mark.parametrize("changes,sampler,error,match", [
+    ({"trained_betas": [0.1, 0.2]}, None, CheckpointError, "trained_betas"),
+    ({"beta_schedule": "sigmoid"}, None, CheckpointError, "beta_schedule='sigmoid'"),
+    ({"prediction_type": "flow_prediction"}, None, CheckpointError, "prediction_type='flow_prediction'"),
+    ({"rescale_betas_zero_snr": True}, None, CheckpointError, "rescale_betas_zero_snr"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, None, CheckpointError, "does not sample a DDPM"),
+    ({"variance_type": "learned"}, None, CheckpointError, "variance_type='learned'"),
+    ({"steps_offset": -1}, None, CheckpointError, "steps_offset=-1"),
+    ({"thresholding": True}, "ddim", CheckpointError, "thresholding"),
+    ({"clip_sample": True, "clip_sample_range": 2.0}, "ddim", CheckpointError, "clip_sample_range"),
+    ({"use_karras_sigmas": True}, "dpm_solver++", CheckpointError, "use_karras_sigmas=True"),
+    ({"final_sigmas_type": "sigma_min"}, "dpm_solver++", CheckpointError, "final_sigmas_type='sigma_min'"),
+    ({"algorithm_type": "sde-dpmsolver++"}, "dpm_solver++", CheckpointError, "algorithm_type"),
+    ({"timestep_spacing": "uniform"}, "ddim", CheckpointError, "timestep_spacing='uniform'"),
+    ({}, "heun", ConfigError, "Unknown sampler 'heun'"),
+])
+def test_bad_scheduler_configs_are_refused_in_one_line(changes, sampler, error, match):
+  with pytest.raises(error, match=match) as info:
+    convert_scheduler.sampling_from_scheduler_config(dict(SD15, **changes), sampler=sampler, steps=20)
+  assert "\n" not in str(info.value)
+
+
+def test_steps_need_a_sampler_for_a_class_without_one():
+  with pytest.raises(ConfigError, match='pass sampler="ddim" or "dpm_solver\\+\\+"'):
+    convert_scheduler.sampling_from_scheduler_config(SD15, steps=20)
+  with pytest.raises(ConfigError, match="integer >= 1"):
+    convert_scheduler.respacing_for("leading", 0)

@@ -34,7 +34,7 @@ def _changed(value):
   if isinstance(value, str):
     return value + "x"
   if isinstance(value, (tuple, list)):
-    return (*value, *value[-1:])
+    return (*value, *value[-1:]) if value else ("x",)
   if value is None:
     return "x"
   raise TypeError(value)

@@ -1,5 +1,7 @@
 """Datasets and the training input pipeline (TFDS catalogue + grain)."""
 
-from jaxdiff.data.pipeline import DatasetInfo, dataset_info, train_batches
+from jaxdiff.data.pipeline import (CAPTION_SOURCES, DatasetInfo, caption_options, captions_of, class_captions,
+                                   dataset_info, train_batches)
 
-__all__ = ['DatasetInfo', 'dataset_info', 'train_batches']
+__all__ = ['CAPTION_SOURCES', 'DatasetInfo', 'caption_options', 'captions_of', 'class_captions', 'dataset_info',
+           'train_batches']

@@ -6,8 +6,13 @@ dataset before the first step. Reading the files in place works for any size and
 
 Layout: either images directly in the folder (all get label 0, unlabeled), or one subfolder
 per class (labels are the sorted subfolder names; images are found recursively inside them).
+
+Captions (read only when asked for): a `metadata.jsonl` anywhere in the tree, one JSON object a line with
+`file_name` (relative to that file's folder) and `text`, as HF datasets' ImageFolder; else `<image stem>.txt`
+beside the image.
 """
 
+import json
 import os
 
 import PIL.Image
@@ -15,16 +20,24 @@ import PIL.Image
 from jaxdiff.errors import DataError
 
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
+METADATA = 'metadata.jsonl'
+CAPTION_LAYOUTS = (f'a {METADATA} with one {{"file_name": ..., "text": ...}} a line (as HF datasets\' ImageFolder) '
+                   'or a <image stem>.txt beside each image')
 
 
 def _is_image(name):
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
+def _visible_walk(folder):
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    yield root, files
+
+
 def _images_under(folder):
   paths = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith('.')]
+  for root, files in _visible_walk(folder):
     paths.extend(os.path.join(root, f) for f in files if _is_image(f))
   return sorted(paths)
 
@@ -60,6 +73,41 @@ class ImageFolderSource:
   def __len__(self):
     return len(self._items)
 
+  @property
+  def labels(self) -> list[int]:
+    return [label for _, label in self._items]
+
+  def _metadata_files(self):
+    return [os.path.join(root, METADATA) for root, files in _visible_walk(self.root) if METADATA in files]
+
+  def has_captions(self) -> bool:
+    """Whether the folder has a metadata.jsonl or a caption .txt beside one of its images (one walk, no stats)."""
+    texts = set()
+    for root, files in _visible_walk(self.root):
+      if METADATA in files:
+        return True
+      texts.update(os.path.join(root, f) for f in files if f.endswith('.txt'))
+    return any(os.path.splitext(p)[0] + '.txt' in texts for p, _ in self._items)
+
+  def captions(self, text_key: str = 'text') -> list[str]:
+    """Each image's caption (stripped), in the order of the elements. `text_key` is the metadata.jsonl column."""
+    from_metadata = {}
+    for path in self._metadata_files():
+      from_metadata.update(_read_metadata(path, text_key))
+    captions = []
+    for path, _ in self._items:
+      caption = from_metadata.get(os.path.normpath(path))
+      if caption is None:
+        caption = _read_sidecar(path)
+      if caption is None:
+        if not captions and not from_metadata and not self.has_captions():
+          raise DataError(f'image folder {self.root!r} has no captions; add {CAPTION_LAYOUTS}, or set '
+                          'data.captions to "label" or "".')
+        raise DataError(f'image {path!r} has no caption; add a line for it to a {METADATA} or write '
+                        f'{os.path.splitext(os.path.basename(path))[0]}.txt beside it.')
+      captions.append(caption)
+    return captions
+
   def __getitem__(self, index):
     path, label = self._items[index]
     try:
@@ -71,3 +119,32 @@ class ImageFolderSource:
 
   def __repr__(self):
     return f'ImageFolderSource({self.root!r}, {len(self)} images, {len(self.class_names)} classes)'
+
+
+def _read_metadata(path, text_key):
+  """{normalised image path: caption} of one metadata.jsonl."""
+  folder, captions = os.path.dirname(path), {}
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{path} line {number} is not JSON ({e.msg}); write one JSON object a line.') from None
+      if not (isinstance(row, dict) and isinstance(row.get('file_name'), str) and isinstance(row.get(text_key), str)):
+        raise DataError(f'{path} line {number} lacks a string "file_name" or {text_key!r}; write '
+                        f'{{"file_name": "<image path relative to this file>", "{text_key}": "<caption>"}}.')
+      captions[os.path.normpath(os.path.join(folder, row['file_name']))] = row[text_key].strip()
+  return captions
+
+
+def _read_sidecar(image_path):
+  path = os.path.splitext(image_path)[0] + '.txt'
+  try:
+    with open(path, encoding='utf-8') as f:
+      return f.read().strip()
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'cannot read caption {path!r} ({e}); fix or delete the file.') from None

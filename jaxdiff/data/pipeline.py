@@ -2,13 +2,17 @@
 
 Batches are a pure function of (seed, step): grain's MapDataset gives random access by index, so
 the iterator starts at any step without replaying earlier ones and flips are seeded by index.
+
+Captions for text-to-image training come from the data's own text (`captions='text'`: a TFDS Text feature, or an
+image folder's metadata.jsonl / .txt files) or from the class labels (`captions='label'`: a template filled with the
+class name); they reach the batch as `tokens`, tokenised on the host by the caller's tokenizer.
 """
 
 import dataclasses
 import fcntl
 import math
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
@@ -16,13 +20,16 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from jaxdiff.data import builders
-from jaxdiff.data.image_folder import ImageFolderSource
-from jaxdiff.errors import DataError
+from jaxdiff.data.image_folder import CAPTION_LAYOUTS, ImageFolderSource
+from jaxdiff.errors import ConfigError, DataError
 
 IMAGE_FOLDER = 'image_folder'
 # Small in-memory datasets: prepared on first use, decoded once and kept as arrays.
 BUNDLED = (builders.MlxtendMnist.name, builders.SklearnDigits.name)
 _CACHE_MAX_BYTES = 256 * 2**20
+# Where captions come from: none, the data's own text, or the class labels through a template.
+CAPTION_SOURCES = ('', 'text', 'label')
+Tokenizer = Callable[[list[str]], np.ndarray]  # texts -> int [N, max_length]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +37,7 @@ class DatasetInfo:
   num_examples: int
   num_classes: int  # 0 when unlabeled
   class_names: tuple[str, ...]
+  has_captions: bool = False  # the data carry their own captions: captions='text' can read them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +46,10 @@ class _Source:
   image_key: str
   label_key: str | None
   info: DatasetInfo
+  text_keys: tuple[str, ...] = ()  # TFDS Text features
 
 
-def _tfds_source(name, data_dir, split):
+def _tfds_source(name, data_dir, split, *, skip_images=False):
   where = data_dir or tfds.core.constants.DATA_DIR
   bundled = name in BUNDLED
   try:
@@ -58,16 +67,6 @@ def _tfds_source(name, data_dir, split):
                       f'`tfds build {name} --data_dir {where} --file_format array_record` '
                       'or point --config.data.data_dir at a folder where it is.')
     builder = _prepare_once(name, where)
-  try:
-    data = builder.as_data_source(split=split)
-  except NotImplementedError:
-    raise DataError(f'dataset {name!r} in {where} is stored as {builder.info.file_format.value}, '
-                    'which has no random access; rebuild it with '
-                    f'`tfds build {name} --data_dir {where} --file_format array_record`.') from None
-  except (ValueError, KeyError) as e:
-    reason = ' '.join(str(e).split()).rstrip('.')  # TFDS messages can span lines.
-    raise DataError(f'cannot read split {split!r} of dataset {name!r}: {reason}; fix '
-                    '--config.data.split (slices such as "train[:90%]" work).') from None
   features = dict(builder.info.features.items())
   keys = builder.info.supervised_keys
   if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
@@ -77,12 +76,26 @@ def _tfds_source(name, data_dir, split):
   if not isinstance(features.get(image_key), tfds.features.Image):
     raise DataError(f'dataset {name!r} has no image feature named {image_key!r} '
                     f'(features: {sorted(features)}); choose an image dataset.')
+  # Reading only captions or labels: the images stay undecoded bytes.
+  decoders = {image_key: tfds.decode.SkipDecoding()} if skip_images else None
+  try:
+    data = builder.as_data_source(split=split, decoders=decoders)
+  except NotImplementedError:
+    raise DataError(f'dataset {name!r} in {where} is stored as {builder.info.file_format.value}, '
+                    'which has no random access; rebuild it with '
+                    f'`tfds build {name} --data_dir {where} --file_format array_record`.') from None
+  except (ValueError, KeyError) as e:
+    reason = ' '.join(str(e).split()).rstrip('.')  # TFDS messages can span lines.
+    raise DataError(f'cannot read split {split!r} of dataset {name!r}: {reason}; fix '
+                    '--config.data.split (slices such as "train[:90%]" work).') from None
   label = features.get(label_key)
   if not isinstance(label, tfds.features.ClassLabel):
     label_key, class_names = None, ()
   else:
     class_names = tuple(label.names)
-  return _Source(data, image_key, label_key, DatasetInfo(len(data), len(class_names), class_names))
+  text_keys = tuple(sorted(k for k, f in features.items() if isinstance(f, tfds.features.Text)))
+  info = DatasetInfo(len(data), len(class_names), class_names, bool(text_keys))
+  return _Source(data, image_key, label_key, info, text_keys)
 
 
 def _prepare_once(name, data_dir):
@@ -100,22 +113,153 @@ def _prepare_once(name, data_dir):
   return builder
 
 
-def _open(name, data_dir, image_dir, split):
+def _open(name, data_dir, image_dir, split, *, skip_images=False):
   if name != IMAGE_FOLDER:
-    return _tfds_source(name, data_dir, split)
+    return _tfds_source(name, data_dir, split, skip_images=skip_images)
   if not image_dir:
     raise DataError(f'dataset {IMAGE_FOLDER!r} needs a folder of images; '
                     'set --config.data.image_dir.')
   data = ImageFolderSource(image_dir)
   names = data.class_names
-  info = DatasetInfo(len(data), len(names), names)
+  info = DatasetInfo(len(data), len(names), names, data.has_captions())
   return _Source(data, 'image', 'label' if names else None, info)
 
 
 def dataset_info(name: str, *, data_dir: str | None = None, image_dir: str | None = None,
                  split: str = 'train') -> DatasetInfo:
-  """Size and classes of a dataset (preparing a bundled one on first use)."""
+  """Size, classes and whether the data carry captions (preparing a bundled one on first use)."""
   return _open(name, data_dir, image_dir, split).info
+
+
+@dataclasses.dataclass(frozen=True)
+class _Captions:
+  """Where an example's caption is: a text feature of the example ('text'), or its class's caption ('label')."""
+  text_key: str | None = None
+  class_captions: tuple[str, ...] = ()
+
+
+class _WithCaptions:
+  """An image folder's elements with their captions under 'caption'."""
+
+  def __init__(self, data, captions):
+    self.data, self.captions = data, captions
+
+  def __len__(self):
+    return len(self.data)
+
+  def __getitem__(self, index):
+    return {**self.data[index], 'caption': self.captions[index]}
+
+
+def _check_captions(captions):
+  if captions not in CAPTION_SOURCES:
+    raise DataError(f'captions={captions!r} is not one of {CAPTION_SOURCES}; fix data.captions.')
+
+
+def is_caption_template(template) -> bool:
+  """Whether `template.format(class_name)` puts the class name in: a string with one {} (and no other field)."""
+  try:
+    return isinstance(template, str) and template.format('\0') != template.format('\1')
+  except (IndexError, KeyError, ValueError):
+    return False
+
+
+def _check_template(template):
+  if not is_caption_template(template):
+    raise DataError(f'caption_template={template!r} must hold one {{}} for the class name, e.g. '
+                    '"a photo of a {}"; fix data.caption_template.')
+
+
+def _class_captions(source, name, caption_template, class_names):
+  _check_template(caption_template)
+  if not source.label_key:
+    raise DataError(f'dataset {name!r} has no class labels to caption; use data.captions="text" or a labelled '
+                    'dataset.')
+  num_classes = source.info.num_classes
+  names = tuple(class_names) or source.info.class_names
+  if not all(isinstance(n, str) for n in names):
+    raise DataError(f'class_names={names!r} must be strings; fix data.class_names.')
+  if len(names) < num_classes:
+    raise DataError(f'labels {len(names)}..{num_classes - 1} of dataset {name!r} are out of range of the '
+                    f'{len(names)} data.class_names; give one name per class ({num_classes}).')
+  if len(names) > num_classes:
+    raise DataError(f'data.class_names has {len(names)} names but dataset {name!r} has {num_classes} classes; '
+                    'give one name per class.')
+  return tuple(caption_template.format(n) for n in names)
+
+
+def _open_captions(name, data_dir, image_dir, split, *, captions, text_feature, caption_template, class_names,
+                   skip_images=False):
+  """The source (an image folder's elements gain 'caption') and where its captions are."""
+  _check_captions(captions)
+  source = _open(name, data_dir, image_dir, split, skip_images=skip_images)
+  if captions == 'label':
+    return source, _Captions(class_captions=_class_captions(source, name, caption_template, class_names))
+  if captions != 'text':
+    return source, _Captions()
+  if name == IMAGE_FOLDER:
+    data = _WithCaptions(source.data, source.data.captions(text_feature or 'text'))
+    return dataclasses.replace(source, data=data), _Captions(text_key='caption')
+  if text_feature:
+    if text_feature not in source.text_keys:
+      raise DataError(f'dataset {name!r} has no text feature {text_feature!r} (text features: '
+                      f'{list(source.text_keys)}); fix data.text_feature.')
+    return source, _Captions(text_key=text_feature)
+  if not source.text_keys:
+    raise DataError(f'dataset {name!r} has no text feature (tfds.features.Text) to read captions from; use '
+                    f'data.captions="label", a dataset with captions, or an image folder with {CAPTION_LAYOUTS}.')
+  if len(source.text_keys) > 1:
+    raise DataError(f'dataset {name!r} has several text features {list(source.text_keys)}; choose one with '
+                    'data.text_feature.')
+  return source, _Captions(text_key=source.text_keys[0])
+
+
+def _as_str(value):
+  """A caption as str: TFDS Text features decode to bytes."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def captions_of(*, name: str, captions: str = 'text', data_dir: str | None = None, image_dir: str | None = None,
+                split: str = 'train', text_feature: str = '', caption_template: str = '{}',
+                class_names: tuple[str, ...] = ()) -> list[str]:
+  """Every example's caption in a split, in the dataset's stored (unshuffled) order; images are not decoded."""
+  if not captions:
+    raise DataError('captions_of needs captions="text" or "label"; set data.captions.')
+  source, where = _open_captions(name, data_dir, image_dir, split, captions=captions, text_feature=text_feature,
+                                 caption_template=caption_template, class_names=class_names, skip_images=True)
+  if name == IMAGE_FOLDER:
+    if where.text_key:
+      return list(source.data.captions)
+    return [where.class_captions[label] for label in source.data.labels]
+  key = where.text_key or source.label_key
+  values = (source.data[i][key] for i in range(len(source.data)))
+  if where.text_key:
+    return [_as_str(v) for v in values]
+  return [where.class_captions[int(v)] for v in values]
+
+
+def class_captions(*, name: str, data_dir: str | None = None, image_dir: str | None = None, split: str = 'train',
+                   caption_template: str = '{}', class_names: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """The caption of each class, in label order (what captions='label' gives its examples): prompts for sampling."""
+  source = _open(name, data_dir, image_dir, split, skip_images=True)
+  return _class_captions(source, name, caption_template, class_names)
+
+
+def caption_options(data_config, tokenize: Tokenizer | None = None) -> dict:
+  """The caption keyword arguments of train_batches (and, without tokenize, of captions_of) from `config.data`."""
+  options = dict(captions=data_config.captions, text_feature=data_config.text_feature,
+                 caption_template=data_config.caption_template, class_names=tuple(data_config.class_names))
+  return options if tokenize is None else {**options, 'tokenize': tokenize}
+
+
+def _tokenize(tokenize, texts):
+  tokens = np.asarray(tokenize(list(texts)))
+  if tokens.ndim != 2 or tokens.shape[0] != len(texts) or not np.issubdtype(tokens.dtype, np.integer):
+    raise DataError(f'the tokenizer returned {tokens.dtype} {tokens.shape} for {len(texts)} texts; it must return '
+                    'integer ids [texts, max_length].')
+  return tokens.astype(np.int32)
 
 
 def _to_uint8(image, image_size, channels):
@@ -141,12 +285,16 @@ class _Cached:
   def __init__(self, examples):
     self.images = np.stack([e['image'] for e in examples])
     self.labels = np.array([e['label'] for e in examples], np.int32)
+    self.captions = [e['caption'] for e in examples] if 'caption' in examples[0] else None
 
   def __len__(self):
     return len(self.labels)
 
   def __getitem__(self, index):
-    return {'image': self.images[index], 'label': self.labels[index]}
+    example = {'image': self.images[index], 'label': self.labels[index]}
+    if self.captions is not None:
+      example['caption'] = self.captions[index]
+    return example
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, min_crop_frac: float = 0.8) -> np.ndarray:
@@ -170,8 +318,14 @@ def _check_int(name, value, low, high=None):
 def train_batches(*, name: str, image_size: int, channels: int, batch_size: int, seed: int,
                   data_dir: str | None = None, image_dir: str | None = None, split: str = 'train',
                   random_flip: bool = False, random_crop: bool = False, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, worker_threads: int = 2) -> Iterator[dict]:
+                  process_count: int = 1, worker_threads: int = 2, captions: str = '', text_feature: str = '',
+                  caption_template: str = '{}', class_names: tuple[str, ...] = (),
+                  tokenize: Tokenizer | None = None) -> Iterator[dict]:
   """Endless batches {'image': f32[B, S, S, C] in [-1, 1], 'label': i32[B]} starting at start_step.
+
+  With captions ('text': the data's own, from text_feature or the only Text feature, or an image folder's
+  metadata.jsonl column text_feature or 'text' / .txt files; 'label': caption_template filled with class_names[label],
+  the dataset's class names when empty) batches also hold 'tokens': i32[B, L], `tokenize` of the captions.
 
   Epochs are reshuffled and drop their remainder; batch k depends only on (seed, k). batch_size is
   this process's share: global batch k is the concatenation over processes of their batch k. random_crop is
@@ -187,7 +341,14 @@ def train_batches(*, name: str, image_size: int, channels: int, batch_size: int,
   _check_int('process_count', process_count, 1)
   _check_int('process_index', process_index, 0, process_count - 1)
   _check_int('worker_threads', worker_threads, 0)
-  source = _open(name, data_dir, image_dir, split)
+  _check_captions(captions)
+  if captions and tokenize is None:
+    raise ConfigError(f'data.captions={captions!r} trains on text: it needs a text encoder and its tokenizer '
+                      '(set config.text_encoder.kind and .tokenizer), or set data.captions="".')
+  source, where = _open_captions(name, data_dir, image_dir, split, captions=captions, text_feature=text_feature,
+                                 caption_template=caption_template, class_names=class_names)
+  # Tokens on the host: a class's are looked up, the data's own are tokenised a batch (one call) at a time.
+  class_tokens = _tokenize(tokenize, where.class_captions) if where.class_captions else None
   size = len(source.data)
   global_batch = batch_size * process_count
   if size < global_batch:
@@ -196,8 +357,10 @@ def train_batches(*, name: str, image_size: int, channels: int, batch_size: int,
 
   def preprocess(example):
     label = example[source.label_key] if source.label_key else 0
-    return {'image': _to_uint8(example[source.image_key], image_size, channels),
-            'label': np.int32(label)}
+    out = {'image': _to_uint8(example[source.image_key], image_size, channels), 'label': np.int32(label)}
+    if where.text_key:
+      out['caption'] = _as_str(example[where.text_key])
+    return out
 
   def flip(example, rng):
     if rng.random() < 0.5:
@@ -223,7 +386,15 @@ def train_batches(*, name: str, image_size: int, channels: int, batch_size: int,
   # Per epoch keep whole global batches, then take sub-batch p of each: disjoint shares.
   ds = ds[:size // global_batch * process_count][process_index::process_count]
   ds = ds.repeat()[start_step:]
-  ds = ds.map(lambda b: {'image': b['image'].astype(np.float32) / 127.5 - 1.0,
-                         'label': b['label']})
+
+  def finish(b):
+    out = {'image': b['image'].astype(np.float32) / 127.5 - 1.0, 'label': b['label']}
+    if where.text_key:
+      out['tokens'] = _tokenize(tokenize, [str(c) for c in b['caption']])
+    elif class_tokens is not None:
+      out['tokens'] = class_tokens[b['label']]
+    return out
+
+  ds = ds.map(finish)
   options = grain.ReadOptions(num_threads=worker_threads, prefetch_buffer_size=2 * worker_threads)
   return iter(ds.to_iter_dataset(options))

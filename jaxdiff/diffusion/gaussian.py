@@ -1,7 +1,8 @@
 """The Gaussian diffusion process as a pytree, separate from the network.
 
 Every coefficient is computed in float64 with NumPy and stored as float32 arrays; `timestep_map` maps an index of
-this (possibly respaced) process to the timestep the network was trained with.
+this (possibly respaced) process to the timestep the network was trained with. The `ddim_*` arrays say where DDIM's
+step i lands: index i - 1 (the data at i = 0) unless diffusers' rules say otherwise (see `create_diffusion`).
 """
 
 import enum
@@ -119,12 +120,18 @@ class GaussianDiffusion:
   posterior_mean_coef1: jax.Array
   posterior_mean_coef2: jax.Array
   timestep_map: jax.Array
+  ddim_alpha_prev: jax.Array  # sqrt(alpha_bar) of the level DDIM's step i goes to
+  ddim_sigma_prev: jax.Array  # sqrt(1 - alpha_bar) of it
+  ddim_variance: jax.Array  # DDIM's sigma_i^2 at eta = 1 for that step
   mean_type: MeanType = flax.struct.field(pytree_node=False, default=MeanType.EPSILON)
   var_type: VarType = flax.struct.field(pytree_node=False, default=VarType.FIXED_LARGE)
 
   @classmethod
   def from_betas(cls, betas: np.ndarray, *, mean_type: MeanType = MeanType.EPSILON,
-                 var_type: VarType = VarType.FIXED_LARGE, timestep_map=None) -> "GaussianDiffusion":
+                 var_type: VarType = VarType.FIXED_LARGE, timestep_map=None,
+                 ddim_prev_alphas_cumprod=None) -> "GaussianDiffusion":
+    """The process of these betas; `ddim_prev_alphas_cumprod` [N] is the alpha_bar each DDIM step lands on (by
+    default alphas_cumprod_prev: the index before, 1 at index 0)."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or not (np.all(betas > 0) and np.all(betas <= 1)):
       raise ConfigError("Betas must be a 1-D array in (0, 1]: check diffusion.schedule and beta_start/beta_end.")
@@ -135,6 +142,9 @@ class GaussianDiffusion:
     posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
     if timestep_map is None:
       timestep_map = np.arange(len(betas))
+    ddim_prev = alphas_cumprod_prev if ddim_prev_alphas_cumprod is None else np.asarray(ddim_prev_alphas_cumprod,
+                                                                                           np.float64)
+    ddim_variance = (1.0 - ddim_prev) / (1.0 - alphas_cumprod) * (1.0 - alphas_cumprod / ddim_prev)
     return cls(
         betas=_f32(betas),
         alphas_cumprod=_f32(alphas_cumprod),
@@ -148,6 +158,9 @@ class GaussianDiffusion:
         posterior_mean_coef1=_f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
         posterior_mean_coef2=_f32((1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)),
         timestep_map=jnp.asarray(np.asarray(timestep_map, dtype=np.int32)),
+        ddim_alpha_prev=_f32(np.sqrt(ddim_prev)),
+        ddim_sigma_prev=_f32(np.sqrt(1.0 - ddim_prev)),
+        ddim_variance=_f32(ddim_variance),
         mean_type=mean_type,
         var_type=var_type,
     )
@@ -321,13 +334,25 @@ class GaussianDiffusion:
     return {"total": terms.sum(axis=1) + prior, "prior": prior, "terms": terms}
 
 
-def create_diffusion(diffusion_cfg, timestep_respacing: str = "") -> GaussianDiffusion:
-  """The process of a config's `diffusion` section, respaced (see `schedules.space_timesteps`) for sampling."""
+def create_diffusion(diffusion_cfg, timestep_respacing: str = "", *, sampler: str = "ddim", steps_offset: int = 0,
+                     set_alpha_to_one: bool = True) -> GaussianDiffusion:
+  """The process of a config's `diffusion` section, respaced for sampling (see `schedules.space_timesteps`).
+
+  `sampler`, `steps_offset` and `set_alpha_to_one` are the `sample` keys. The diffusers spacings ("leadingN", ...)
+  keep the timesteps that `sampler`'s diffusers scheduler visits, and DDIM then lands where DDIMScheduler does
+  (`schedules.ddim_target_timesteps`). set_alpha_to_one=False (diffusers' DDIM, SD's configs) ends DDIM at
+  alphas_cumprod[0] of the training process instead of alpha_bar 1 (the data); the other samplers end at the data
+  whatever it says, as DDPMScheduler and DPMSolverMultistepScheduler (final_sigmas_type='zero') do.
+  """
   betas = schedules.get_betas(diffusion_cfg.schedule, diffusion_cfg.num_timesteps,
                               beta_start=diffusion_cfg.beta_start, beta_end=diffusion_cfg.beta_end)
-  timesteps = schedules.space_timesteps(len(betas), timestep_respacing)
+  timesteps = schedules.space_timesteps(len(betas), timestep_respacing, sampler=sampler, steps_offset=steps_offset)
+  alphas_cumprod = np.cumprod(1.0 - betas)
+  targets = schedules.ddim_target_timesteps(len(betas), timestep_respacing, timesteps)
+  final = 1.0 if set_alpha_to_one else alphas_cumprod[0]
   return GaussianDiffusion.from_betas(
       schedules.respace_betas(betas, timesteps),
       mean_type=_parse_enum(MeanType, diffusion_cfg.mean_type, "diffusion.mean_type"),
       var_type=_parse_enum(VarType, diffusion_cfg.var_type, "diffusion.var_type"),
-      timestep_map=timesteps)
+      timestep_map=timesteps,
+      ddim_prev_alphas_cumprod=np.where(targets >= 0, alphas_cumprod[np.maximum(targets, 0)], final))

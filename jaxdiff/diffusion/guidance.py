@@ -1,5 +1,5 @@
 """Guidance for the samplers: classifier guidance (Dhariwal & Nichol, 2021) and classifier-free guidance (Ho &
-Salimans, 2022), written for any conditioning pytree with a null value (classes now; text and SDXL's vectors later).
+Salimans, 2022), written for any conditioning pytree with a null value (classes, text; SDXL's vectors next).
 
 Both return what the samplers take: `classifier_guide` a `guide(x, t)`, `classifier_free` a `denoise(x, t)`.
 """

@@ -6,7 +6,8 @@ optional `guide(x, t) -> s * grad_x log p(y | x, t)` (network timesteps too): it
 Sigma * guide (guided-diffusion's condition_mean) and, in DDIM and DPM-Solver++, eps by -sqrt(1 - abar) * guide
 (condition_score). Every sample draws its noise from its
 own key, so a sample does not depend on the batch it was drawn in. Step i of a sampler goes from index i of the
-process to index i - 1 (to the data at i = 0); the scan runs i = N-1, ..., 0.
+process to index i - 1 (to the data at i = 0); the scan runs i = N-1, ..., 0. DDIM alone lands where the process's
+`ddim_*` levels say (diffusers' DDIMScheduler rules and set_alpha_to_one=False may land elsewhere).
 """
 
 import functools
@@ -100,8 +101,9 @@ def ddim_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array,
                 guide: Guide | None = None) -> jax.Array:
   """DDIM (Song et al., 2021, eq. 12): eta = 0 is the deterministic ODE path, eta = 1 matches DDPM's variance.
 
-  Arguments as `ancestral_sample`; eps is re-derived from the clipped x_0 prediction. `x_T` replaces the initial
-  draw, e.g. with the output of `ddim_invert`.
+  Arguments as `ancestral_sample`; eps is re-derived from the clipped x_0 prediction (diffusers'
+  use_clipped_model_output=True). `x_T` replaces the initial draw, e.g. with the output of `ddim_invert`. Step i
+  lands on `diffusion.ddim_alpha_prev[i]` (the next index, or the data, unless diffusers' rules say otherwise).
   """
   init_keys, step_keys = split_keys(keys)
 
@@ -109,9 +111,9 @@ def ddim_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: jax.Array,
     t = _batch_t(x, i)
     x0, eps = diffusion.pred_x0_eps(denoise(x, diffusion.timestep_map[t]), x, t, clip_denoised=clip_denoised)
     x0, eps = _condition_score(diffusion, guide, x, t, x0, eps)
-    _, _, alpha_prev, sigma_prev = _levels(diffusion, i)
-    # DDIM's sigma_t(eta)^2 is eta^2 times the posterior variance (0 at i = 0).
-    noise_var = eta ** 2 * diffusion.posterior_variance[i]
+    alpha_prev, sigma_prev = diffusion.ddim_alpha_prev[i], diffusion.ddim_sigma_prev[i]
+    # DDIM's sigma_t(eta)^2 is eta^2 times the posterior variance of the step (0 into the data).
+    noise_var = eta ** 2 * diffusion.ddim_variance[i]
     x = alpha_prev * x0 + jnp.sqrt(jnp.maximum(sigma_prev ** 2 - noise_var, 0.0)) * eps
     return x + jnp.sqrt(noise_var) * step_noise(step_keys, i, sample_shape) if eta else x
 
@@ -143,8 +145,8 @@ def dpm_solver_pp_sample(diffusion: GaussianDiffusion, denoise: Denoise, keys: j
   """DPM-Solver++(2M) (Lu et al., 2022): multistep second order in the data prediction, midpoint form.
 
   The previous x_0 prediction and log-SNR are carried in the scan. The first step and the last (to noise level 0,
-  which returns the x_0 prediction) are first order. Arguments as `ancestral_sample`; clip_denoised clips the data
-  prediction.
+  which returns the x_0 prediction) are first order: diffusers' final_sigmas_type='zero', whatever the process's
+  set_alpha_to_one. Arguments as `ancestral_sample`; clip_denoised clips the data prediction.
   """
   init_keys, _ = split_keys(keys)
 

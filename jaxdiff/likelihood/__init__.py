@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdiff import data as data_lib
 from jaxdiff import weights
+from jaxdiff.models import conditioning
 from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train import mesh as mesh_lib
 
@@ -24,10 +25,10 @@ def make_bpd_fn(exp: experiment_lib.Experiment, *, clip_denoised: bool, seed: in
   diffusion = mesh_lib.host_to_mesh(exp.diffusion, NamedSharding(exp.mesh, P()), process_local=False)
 
   def bpd(diffusion, params, batch, index):
-    labels = batch["label"] if exp.num_classes else None
+    cond = conditioning.class_condition(batch["label"]) if exp.num_classes else None
 
     def denoise(x, t):
-      return exp.model.apply({"params": params}, x, t, labels, train=False)
+      return exp.model.apply({"params": params}, x, t, cond, train=False)
     key = jax.random.fold_in(jax.random.key(seed), index)
     out = diffusion.bits_per_dim(denoise, batch["image"], key, clip_denoised=clip_denoised)
     return out["total"], out["prior"]

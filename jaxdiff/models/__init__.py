@@ -15,9 +15,12 @@ __all__ = ['EncoderUNet', 'UNet', 'create_classifier', 'create_model', 'init_par
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-# Optional keys; the defaults reproduce the DDPM paper network (ADM: True, 0, 1e-5, 'symmetric').
+# Optional keys; the defaults reproduce the DDPM paper network (ADM: True, 0, 1e-5, 'symmetric'; no transformers).
 OPTIONAL_KEYS = dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding='asymmetric',
-                     conv_resample=True, mid_block_scale_factor=1.0, patch_size=1)
+                     conv_resample=True, mid_block_scale_factor=1.0, patch_size=1, transformer_depth=0,
+                     context_dim=0, use_linear_projection=False)
+# Context tokens of the dummy batch that initialises a cross-attending UNet (CLIP's 77; no parameter depends on it).
+DUMMY_CONTEXT_LENGTH = 77
 
 
 def _key(cfg, key, default=None, *, section='model'):
@@ -35,7 +38,7 @@ def _dtype(cfg, key):
   return DTYPES[name]
 
 
-def _trunk_fields(cfg, section: str, *, image_size: int, attention_widths_extra=()) -> dict:
+def _trunk_fields(cfg, section: str, *, image_size: int) -> dict:
   """The UNetTrunk fields of a `model` or `classifier` config section at `image_size` (the network's input grid),
   checked; error messages name `section`."""
   base = _key(cfg, 'base_channels', section=section)
@@ -43,6 +46,7 @@ def _trunk_fields(cfg, section: str, *, image_size: int, attention_widths_extra=
   num_res = _key(cfg, 'num_res_blocks', section=section)
   num_res = tuple(num_res) if isinstance(num_res, (tuple, list)) else num_res
   num_heads = _key(cfg, 'num_heads', section=section)
+  num_heads = tuple(num_heads) if isinstance(num_heads, (tuple, list)) else num_heads
   head_channels = _key(cfg, 'num_head_channels', section=section)
   dropout = _key(cfg, 'dropout', section=section)
   norm_groups = _key(cfg, 'norm_groups', 32, section=section)
@@ -68,9 +72,14 @@ def _trunk_fields(cfg, section: str, *, image_size: int, attention_widths_extra=
     if width % norm_groups:
       raise ConfigError(f'{section}.base_channels={base} with channel_mult={mult} gives {width} channels, not '
                         f'divisible by {section}.norm_groups={norm_groups}: use multiples of it')
-  # The middle block always attends at the last level's width.
-  for width in {int(base * mult[level]) for level in attention_levels} | {widths[-1]} | set(attention_widths_extra):
-    if head_channels == -1 and width % num_heads:
+  heads = num_heads if isinstance(num_heads, tuple) else (num_heads,) * len(mult)
+  if len(heads) != len(mult):
+    raise ConfigError(f'{section}.num_heads={num_heads} needs one count per channel_mult level ({len(mult)}): '
+                      f'give {len(mult)} counts or a single int')
+  # The middle block always attends, at the last level's width and heads.
+  for level in sorted(set(attention_levels) | {len(mult) - 1}):
+    width = widths[level]
+    if head_channels == -1 and width % heads[level]:
       raise ConfigError(f'{section}.num_heads={num_heads} does not divide the {width} attention channels: '
                         f'use a divisor of it or set num_head_channels')
     if head_channels != -1 and width % head_channels:
@@ -82,6 +91,34 @@ def _trunk_fields(cfg, section: str, *, image_size: int, attention_widths_extra=
               use_scale_shift_norm=bool(_key(cfg, 'use_scale_shift_norm', section=section)),
               resblock_updown=bool(_key(cfg, 'resblock_updown', section=section)), dropout=dropout,
               norm_groups=norm_groups)
+
+
+def _transformer_fields(opt: dict, fields: dict) -> dict:
+  """transformer_depth, context_dim and use_linear_projection of the `model` section, checked."""
+  levels = len(fields['channel_mult'])
+  depth, context_dim = opt['transformer_depth'], opt['context_dim']
+  depth = tuple(depth) if isinstance(depth, (tuple, list)) else depth
+  depths = depth if isinstance(depth, tuple) else (depth,) * levels
+  if len(depths) != levels:
+    raise ConfigError(f'model.transformer_depth={depth} needs one depth per channel_mult level ({levels}): give '
+                      f'{levels} depths or a single int')
+  if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+    raise ConfigError(f'model.transformer_depth={depth}: use integers >= 0 (0 = ADM attention blocks)')
+  if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
+    raise ConfigError(f'model.context_dim={context_dim!r}: use an integer >= 0 (0 = no cross-attention)')
+  if not isinstance(opt['use_linear_projection'], bool):
+    raise ConfigError(f'model.use_linear_projection={opt["use_linear_projection"]!r}: use True or False')
+  # The levels whose blocks attend, and the last one, whose depth the middle block takes.
+  attending = sorted({level for level in range(levels) if 2 ** level in fields['attention_ds']} | {levels - 1})
+  used = [depths[level] for level in attending]
+  if min(used) == 0 < max(used):
+    raise ConfigError(f'model.transformer_depth={depth} mixes ADM attention blocks (0) and spatial transformers at '
+                      f'the attending levels {attending} (the middle block takes the last level\'s depth): give all '
+                      'of them a depth >= 1, or 0')
+  if context_dim and not max(used):
+    raise ConfigError(f'model.context_dim={context_dim}: only spatial transformers cross-attend; set '
+                      'model.transformer_depth >= 1, or context_dim=0')
+  return dict(transformer_depth=depth, context_dim=context_dim)
 
 
 def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classes, null_class=False):
@@ -97,6 +134,7 @@ def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classe
   if image_size % patch:
     raise ConfigError(f'model.patch_size={patch} must divide image_size {image_size}')
   fields = _trunk_fields(model_cfg, 'model', image_size=image_size // patch)
+  opt.update(_transformer_fields(opt, fields))
   if opt['downsample_padding'] not in DOWNSAMPLE_PADDINGS:
     raise ConfigError(f'model.downsample_padding={opt["downsample_padding"]!r}: use one of '
                       f'{sorted(DOWNSAMPLE_PADDINGS)}')
@@ -123,12 +161,18 @@ def create_classifier(classifier_cfg, model_cfg, *, image_size, num_classes):
 
 
 def dummy_inputs(model, image_size, channels, num_classes=None):
-  """Arguments of a batch of one for `model.init`: (x, t) for a classifier, (x, t, y) for the UNet."""
+  """Arguments of a batch of one for `model.init`: (x, t) for a classifier, (x, t, cond) for the UNet; cond holds
+  `label` with num_classes and a zero `context` [1, 77, context_dim] for a cross-attending UNet (else None)."""
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   if isinstance(model, EncoderUNet):
     return x, t
-  return x, t, None if num_classes is None else jnp.zeros((1,), jnp.int32)
+  cond = {}
+  if num_classes is not None:
+    cond['label'] = jnp.zeros((1,), jnp.int32)
+  if model.context_dim:
+    cond['context'] = jnp.zeros((1, DUMMY_CONTEXT_LENGTH, model.context_dim), jnp.float32)
+  return x, t, cond or None
 
 
 def init_params(model, rng, image_size, channels, num_classes):

@@ -118,9 +118,9 @@ _F32_OUT_CONV = functools.partial(jax.lax.conv_general_dilated, preferred_elemen
 _F32_OUT_DOT = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
-def dense(features, *, dtype, param_dtype, name, zero_init=False):
+def dense(features, *, dtype, param_dtype, name, zero_init=False, use_bias=True):
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=_F32_OUT_DOT,
-                  kernel_init=nn.initializers.zeros if zero_init else nn.linear.default_kernel_init)
+                  use_bias=use_bias, kernel_init=nn.initializers.zeros if zero_init else nn.linear.default_kernel_init)
 
 
 def conv(features, *, dtype, param_dtype, name, kernel=3, strides=1, padding=((1, 1), (1, 1)), zero_init=False):

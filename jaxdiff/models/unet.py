@@ -1,4 +1,5 @@
-"""One config-driven UNet expressing the DDPM, improved-DDPM and ADM networks.
+"""One config-driven UNet expressing the DDPM, improved-DDPM and ADM networks, and LDM's / Stable Diffusion 1.x-2.x
+networks with spatial transformers (transformer_depth >= 1) cross-attending to a context (context_dim > 0).
 
 Parameter names (stable; the weight converters map onto them):
   time_embed/{linear_1,linear_2}, label_emb, conv_in,
@@ -6,6 +7,8 @@ Parameter names (stable; the weight converters map onto them):
   mid_res_0, mid_attn, mid_res_1,
   up_{level}_res_{i}, up_{level}_attn_{i}, up_{level}_upsample, norm_out, conv_out.
 `level` counts resolutions from the input (0) down, on both paths; up_{level} has num_res_blocks[level] + 1 blocks.
+An attention module (`*_attn*`) is an ADM AttentionBlock (norm, qkv, proj_out) or, with transformer_depth >= 1, a
+SpatialTransformer (norm, proj_in, block_{j}/..., proj_out; models/transformer.py).
 """
 
 from typing import Any
@@ -13,7 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdiff.models import layers
+from jaxdiff.errors import ConfigError
+from jaxdiff.models import layers, transformer
 
 
 class UNetTrunk(nn.Module):
@@ -24,7 +28,7 @@ class UNetTrunk(nn.Module):
   channel_mult: tuple[int, ...] = (1, 2, 2, 2)
   num_res_blocks: int | tuple[int, ...] = 2
   attention_ds: tuple[int, ...] = (2,)  # downsample factors with attention; 1 = input resolution
-  num_heads: int = 1
+  num_heads: int | tuple[int, ...] = 1  # a tuple: per level; the middle block uses the last level's
   num_head_channels: int = -1  # -1: use num_heads
   legacy_qkv_order: bool = True
   use_scale_shift_norm: bool = False
@@ -37,14 +41,22 @@ class UNetTrunk(nn.Module):
   flip_sin_to_cos: bool = False
   freq_shift: float = 1.0
   mid_block_scale_factor: float = 1.0  # diffusers divides the middle blocks' residual sums by this
+  # 0: ADM attention blocks; >= 1: that many transformer blocks in each spatial transformer. A tuple: per level (only
+  # the attending levels' entries count); the middle block uses the last level's.
+  transformer_depth: int | tuple[int, ...] = 0
+  context_dim: int = 0  # > 0: the spatial transformers cross-attend to a context [B, L, context_dim]
+  use_linear_projection: bool = False  # spatial transformer proj_in/proj_out: linear (SD 2.x) or 1x1 conv (SD 1.x)
   remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  def _per_level(self, value) -> tuple:
+    """A field given as one value or one per level, as one per level."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * len(self.channel_mult)
+
   @property
   def _num_res(self) -> tuple[int, ...]:
-    n = self.num_res_blocks
-    return tuple(n) if isinstance(n, (tuple, list)) else (n,) * len(self.channel_mult)
+    return self._per_level(self.num_res_blocks)
 
   def _width(self, level: int) -> int:
     return int(self.base_channels * self.channel_mult[level])  # int(): guided-diffusion's 512 nets use mult 0.5
@@ -56,11 +68,20 @@ class UNetTrunk(nn.Module):
                    norm_groups=self.norm_groups, norm_eps=self.norm_eps, dtype=self.dtype,
                    param_dtype=self.param_dtype, **extra)(h, emb, train)
 
-  def _attn(self, h, name, **extra):
-    attn_cls = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
-    return attn_cls(num_heads=self.num_heads, num_head_channels=self.num_head_channels,
-                    legacy_qkv_order=self.legacy_qkv_order, name=name, norm_groups=self.norm_groups,
-                    norm_eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, **extra)(h)
+  def _attn(self, h, name, level, context, output_scale=1.0):
+    num_heads, depth = self._per_level(self.num_heads)[level], self._per_level(self.transformer_depth)[level]
+    if depth == 0:
+      attn_cls = nn.remat(layers.AttentionBlock) if self.remat else layers.AttentionBlock
+      return attn_cls(num_heads=num_heads, num_head_channels=self.num_head_channels,
+                      legacy_qkv_order=self.legacy_qkv_order, name=name, norm_groups=self.norm_groups,
+                      norm_eps=self.norm_eps, output_scale=output_scale, dtype=self.dtype,
+                      param_dtype=self.param_dtype)(h)
+    # No output_scale: diffusers' cross-attention middle block scales only its ResBlocks.
+    heads = num_heads if self.num_head_channels == -1 else h.shape[-1] // self.num_head_channels
+    attn_cls = nn.remat(transformer.SpatialTransformer) if self.remat else transformer.SpatialTransformer
+    return attn_cls(heads=heads, depth=depth, context_dim=self.context_dim,
+                    use_linear_projection=self.use_linear_projection, norm_groups=self.norm_groups, name=name,
+                    dtype=self.dtype, param_dtype=self.param_dtype)(h, context)
 
   def _embed_time(self, t, batch: int):
     """The block embedding of timesteps t, in float32 (as the output head: bf16 sinusoids of large t lose too
@@ -71,7 +92,7 @@ class UNetTrunk(nn.Module):
     return layers.TimeEmbedding(4 * self.base_channels, name='time_embed', dtype=jnp.float32,
                                 param_dtype=self.param_dtype)(emb)
 
-  def _down(self, x, emb, train):
+  def _down(self, x, emb, train, context=None):
     """conv_in and the down path: (h, the activations the up path concatenates, input first)."""
     h = layers.conv(self._width(0), name='conv_in', dtype=self.dtype, param_dtype=self.param_dtype)(
         x.astype(self.dtype))
@@ -80,7 +101,7 @@ class UNetTrunk(nn.Module):
       for i in range(self._num_res[level]):
         h = self._res(h, emb, self._width(level), f'down_{level}_res_{i}', train)
         if 2 ** level in self.attention_ds:
-          h = self._attn(h, f'down_{level}_attn_{i}')
+          h = self._attn(h, f'down_{level}_attn_{i}', level, context)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
         name = f'down_{level}_downsample'
@@ -92,15 +113,18 @@ class UNetTrunk(nn.Module):
         skips.append(h)
     return h, skips
 
-  def _middle(self, h, emb, train):
+  def _middle(self, h, emb, train, context=None):
     mid = dict(output_scale=self.mid_block_scale_factor)
     h = self._res(h, emb, h.shape[-1], 'mid_res_0', train, **mid)
-    h = self._attn(h, 'mid_attn', **mid)
+    h = self._attn(h, 'mid_attn', len(self.channel_mult) - 1, context, **mid)
     return self._res(h, emb, h.shape[-1], 'mid_res_1', train, **mid)
 
 
 class UNet(UNetTrunk):
-  """Noise-prediction UNet: (x [B,H,W,C], t [B], y [B] | None) -> [B,H,W,out_channels] float32.
+  """Noise-prediction UNet: (x [B,H,W,C], t [B], cond | None) -> [B,H,W,out_channels] float32.
+
+  `cond` is the conditioning pytree of models/conditioning.py: a dict that may hold `label` [B] int and, for a model
+  with context_dim > 0 (which needs it), `context` [B, L, context_dim] float.
 
   The defaults of the layout fields reproduce the DDPM paper network; ADM uses flip_sin_to_cos=True, freq_shift=0,
   norm_eps=1e-5, downsample_padding='symmetric'.
@@ -109,23 +133,25 @@ class UNet(UNetTrunk):
   patch_size: int = 1  # > 1: the network runs on p x p pixel patches stacked as channels (space-to-depth)
 
   @nn.compact
-  def __call__(self, x, t, y=None, *, train: bool):
+  def __call__(self, x, t, cond=None, *, train: bool):
+    cond = cond or {}
+    context = self._context(cond.get('context'), x.shape[0])
     emb = self._embed_time(t, x.shape[0])
     if self.num_classes is not None:
       emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', dtype=jnp.float32,
-                           param_dtype=self.param_dtype)(y)
+                           param_dtype=self.param_dtype)(cond['label'])
     p = self.patch_size
     if p > 1:  # invertible: [B, H, W, C] -> [B, H/p, W/p, p*p*C], undone on the output
       b, height, w, c = x.shape
       x = x.reshape(b, height // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, height // p, w // p, -1)
-    h, skips = self._down(x, emb, train)
-    h = self._middle(h, emb, train)
+    h, skips = self._down(x, emb, train, context)
+    h = self._middle(h, emb, train, context)
     for level in reversed(range(len(self.channel_mult))):
       for i in range(self._num_res[level] + 1):
         h = self._res(jnp.concatenate([h, skips.pop()], axis=-1), emb, self._width(level), f'up_{level}_res_{i}',
                       train)
         if 2 ** level in self.attention_ds:
-          h = self._attn(h, f'up_{level}_attn_{i}')
+          h = self._attn(h, f'up_{level}_attn_{i}', level, context)
       if level != 0:
         name = f'up_{level}_upsample'
         if self.resblock_updown:
@@ -143,3 +169,21 @@ class UNet(UNetTrunk):
       out = out.reshape(b, height, w, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
       out = out.reshape(b, height * p, w * p, self.out_channels)
     return out
+
+  def _context(self, context, batch: int):
+    """cond['context'], checked against context_dim: a wrong one fails here in one line, not deep in a matmul."""
+    if not self.context_dim:
+      if context is not None:
+        raise ConfigError("model.context_dim=0: this UNet does not cross-attend, yet cond has a 'context'; set "
+                          'model.context_dim to its width (and model.transformer_depth >= 1), or drop the context.')
+      return None
+    if context is None:
+      raise ConfigError(f"model.context_dim={self.context_dim}: the UNet cross-attends to cond['context'] "
+                        f'[B, L, {self.context_dim}], and none was given: pass the text encoder\'s (or class '
+                        "embedder's) output as cond['context'].")
+    shape = tuple(context.shape)
+    if len(shape) != 3 or shape[0] != batch or shape[2] != self.context_dim:
+      raise ConfigError(f"cond['context'] has shape {shape}; the UNet takes [{batch}, L, {self.context_dim}] "
+                        f'(batch {batch}, model.context_dim={self.context_dim}): set model.context_dim to the '
+                        'conditioner\'s width (text_encoder.width).')
+    return context

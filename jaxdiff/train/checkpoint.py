@@ -37,15 +37,20 @@ CLASSIFIER_SHAPE_KEYS = ("job", "classifier", "data.image_size", "data.channels"
 # And for an autoencoder (config.job="autoencoder"): a convolutional network fits any image size.
 AUTOENCODER_SHAPE_KEYS = ("job", "autoencoder", "autoencoder_loss.disc_layers", "autoencoder_loss.disc_channels",
                           "data.channels")
-SHAPE_KEYS_OF = {"diffusion": SHAPE_KEYS, "classifier": CLASSIFIER_SHAPE_KEYS, "autoencoder": AUTOENCODER_SHAPE_KEYS}
+# And for latent diffusion: the diffusion model's entries, its conditioning, and (added by the experiment) the first
+# stage it was trained on, since another autoencoder or scale factor silently changes what the UNet sees.
+LATENT_SHAPE_KEYS = ("job",) + SHAPE_KEYS + ("latent.condition", "text_encoder")
+SHAPE_KEYS_OF = {"diffusion": SHAPE_KEYS, "classifier": CLASSIFIER_SHAPE_KEYS, "autoencoder": AUTOENCODER_SHAPE_KEYS,
+                 "latent_diffusion": LATENT_SHAPE_KEYS}
 # Entries of those sections that change no parameter shape: a checkpoint may be reused across them.
 FREE_KEYS = {"model": ("dtype", "remat", "dropout", "init_from"),
              "classifier": ("dropout", "eval_split", "eval_batches"),
-             "autoencoder": ("scale_factor", "scale_batches", "init_from", "eval_split", "eval_batches")}
+             "autoencoder": ("scale_factor", "scale_batches", "init_from", "eval_split", "eval_batches"),
+             "text_encoder": ("init_from", "tokenizer", "dtype")}
 
 
 def model_signature(config, num_classes: int, abstract_state, *, network: str = "diffusion",
-                    null_class: bool = False) -> dict:
+                    null_class: bool = False, extra: dict | None = None) -> dict:
   """The parts of a config a checkpoint must agree with, as plain JSON values, plus the state's layout.
 
   Keys added after the first release appear only when they hold something, so older checkpoints still match.
@@ -65,6 +70,7 @@ def model_signature(config, num_classes: int, abstract_state, *, network: str = 
       signature.get(section, {}).pop(free, None)
   if null_class:
     signature[NULL_CLASS] = True
+  signature.update(extra or {})
   signature["state_layout"] = state_layout(abstract_state)
   return signature
 
@@ -319,3 +325,21 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def saved_run(workdir: str, *, job: str, key: str) -> dict:
+  """The saved signature of the `config.job=job` run in `workdir`, which the config key `key` points at; one-line
+  errors when there is no checkpoint or it is another job's."""
+  directory = os.path.join(workdir, "checkpoints")
+  saved = None
+  if os.path.isdir(directory):  # checked first: the checkpointer would create the folder
+    reader = Checkpointer(directory, signature={})
+    saved = reader.saved_signature()
+    reader.close()
+  if saved is None:
+    raise CheckpointError(f"No {job} checkpoint in {os.path.abspath(directory)}: train one with train.py "
+                          f"--config.job={job} --workdir=<dir>, then pass that dir as {key}.")
+  if saved.get("job", "diffusion") != job:
+    raise CheckpointError(f"{workdir} holds a config.job={saved.get('job', 'diffusion')!r} run, not a "
+                          f"config.job={job!r} one: pass the workdir of a run trained with --config.job={job} as {key}.")
+  return saved

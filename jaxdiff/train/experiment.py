@@ -11,17 +11,20 @@ import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import NamedSharding
 
 from jaxdiff import config_schema
 from jaxdiff import data as data_lib
 from jaxdiff import models
-from jaxdiff.models import autoencoder, discriminator
+from jaxdiff.models import autoencoder, conditioning, discriminator
 from jaxdiff.diffusion import GaussianDiffusion, create_diffusion
 from jaxdiff.errors import CheckpointError, ConfigError
 from jaxdiff.train import checkpoint as checkpoint_lib
 from jaxdiff.train import autoencoder as autoencoder_train
+from jaxdiff.train import latent as latent_lib
 from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import TrainState, create_state, make_optimizer
 
@@ -43,11 +46,34 @@ class Experiment:
   disc_tx: optax.GradientTransformation | None = None
   # abstract params -> host params a fresh run starts from (imported PyTorch weights); None: the initialisation
   initial_params: Callable[[Any], Any] | None = None
+  condition: Any = None  # the conditioner of models/conditioning.py that reads a batch's raw condition, or None
+  first_stage: Any = None  # latent diffusion: the frozen autoencoder (train/latent.py FirstStage)
+  tokenizer: Any = None  # a text-conditioned model's tokenizer
+  # () -> host dict of the frozen weights a latent job reads: 'autoencoder', and 'embedder' when not trained
+  frozen_loader: Callable[[], dict] | None = None
+  _frozen: Any = None
 
   @property
   def sample_shape(self) -> tuple[int, int, int]:
+    """The shape of one image."""
     d = self.config.data
     return (d.image_size, d.image_size, d.channels)
+
+  @property
+  def diffusion_shape(self) -> tuple[int, int, int]:
+    """The shape of one example the diffusion runs on: an image, or its latents."""
+    if self.first_stage is None:
+      return self.sample_shape
+    size = self.config.data.image_size // self.first_stage.factor
+    return (size, size, self.first_stage.latent_channels)
+
+  def frozen_params(self) -> dict:
+    """The frozen weights (autoencoder, frozen embedder), replicated over the mesh, loaded once."""
+    if self._frozen is None:
+      host = self.frozen_loader() if self.frozen_loader else {}
+      self._frozen = mesh_lib.host_to_mesh(host, NamedSharding(self.mesh, jax.sharding.PartitionSpec()),
+                                           process_local=False)
+    return self._frozen
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -56,8 +82,9 @@ class Experiment:
   def checkpointer(self, workdir: str) -> checkpoint_lib.Checkpointer:
     return checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        signature=checkpoint_lib.model_signature(self.config, self.num_classes, self.abstract_state(),
-                                                 network=self.network, null_class=self.null_class),
+        signature=checkpoint_lib.model_signature(
+            self.config, self.num_classes, self.abstract_state(), network=self.network, null_class=self.null_class,
+            extra=None if self.first_stage is None else {"first_stage": self.first_stage.signature()}),
         max_to_keep=self.config.train.keep_checkpoints)
 
   def _init(self, key: jax.Array) -> TrainState:
@@ -75,9 +102,13 @@ class Experiment:
     """A fresh state, created on the devices by one jitted program (no full host-side copy)."""
     state = jax.jit(self._init, out_shardings=self.state_sharding)(key)
     if self.initial_params is not None:
+      # The imported weights: all params, or some top-level entries of them (a ConditionedUNet's 'unet').
       weights = self.initial_params(self.abstract_state().params)
-      put = lambda: mesh_lib.host_to_mesh(weights, self.state_sharding.params, process_local=False)
-      state = state.replace(params=put(), ema_params=put())  # two buffers: the step donates both
+      part = set(weights) < set(state.params)
+      shardings = {k: self.state_sharding.params[k] for k in weights} if part else self.state_sharding.params
+      put = lambda: mesh_lib.host_to_mesh(weights, shardings, process_local=False)
+      state = state.replace(params={**state.params, **put()} if part else put(),
+                            ema_params={**state.ema_params, **put()} if part else put())  # the step donates both
     return state
 
   def abstract_state_with_sharding(self) -> TrainState:
@@ -148,6 +179,8 @@ def build(config, *, job: str | None = None, network: str | None = None) -> Expe
     num_classes = label_classes(config, why="a classifier (config.job='classifier' or sample.classifier_scale)")
     model = models.create_classifier(config.classifier, config.model, image_size=d.image_size,
                                      num_classes=num_classes)
+  elif network == "latent_diffusion":
+    return _build_latent(config, diffusion)
   else:
     num_classes = 0
     if config.model.class_conditional:
@@ -159,7 +192,9 @@ def build(config, *, job: str | None = None, network: str | None = None) -> Expe
   tx = optimizer(config, config.train.learning_rate)
   mesh = mesh_lib.make_mesh(config.mesh)
   exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes, mesh=mesh,
-                   network=network, null_class=null_class)
+                   network=network, null_class=null_class,
+                   condition=conditioning.ClassConditioner(num_classes) if network == "diffusion" and num_classes
+                   else None)
   if network == "autoencoder":
     exp.discriminator = discriminator.NLayerDiscriminator(base_channels=config.autoencoder_loss.disc_channels,
                                                           num_layers=config.autoencoder_loss.disc_layers)
@@ -170,3 +205,101 @@ def build(config, *, job: str | None = None, network: str | None = None) -> Expe
       exp.initial_params = functools.partial(autoencoder_train.imported_params, config)
   exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)
   return exp
+
+
+def _build_latent(config, diffusion) -> Experiment:
+  """Latent diffusion: the UNet (with its class embedder or text encoder) on the frozen first stage's latents."""
+  m, lat = config.model, config.latent
+  stage = latent_lib.first_stage(config)
+  if config.data.image_size % stage.factor:
+    raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of {stage.factor}, the "
+                      "autoencoder's downsampling factor.")
+  size, channels = config.data.image_size // stage.factor, stage.latent_channels
+  num_classes = 0
+  if lat.condition == "class" or m.class_conditional:
+    num_classes = label_classes(config, why=f"latent.condition={lat.condition!r}" if lat.condition == "class"
+                                else "model.class_conditional=True")
+  null_class = bool(num_classes) and config.train.cond_drop_prob > 0
+  table = num_classes + int(null_class)
+  unet = models.create_model(m, image_size=size, in_channels=channels,
+                             out_channels=channels * diffusion.output_channels_factor,
+                             num_classes=table - int(null_class) if m.class_conditional else None,
+                             null_class=null_class)
+  tokenizer, embedder, frozen, output = None, None, False, ""
+  if lat.condition == "text":
+    from jaxdiff.models import clip
+    tokenizer = latent_lib.load_tokenizer(config)
+    te = config.text_encoder
+    if tokenizer.vocab_size > te.vocab_size:
+      raise ConfigError(f"The tokenizer in {te.tokenizer} has {tokenizer.vocab_size} tokens and text_encoder."
+                        f"vocab_size={te.vocab_size}: set the vocabulary size to at least the tokenizer's.")
+    embedder = clip.create_text_encoder(te, dtype=unet.dtype, param_dtype=unet.param_dtype)
+    frozen, output = not te.trainable, te.output
+  elif lat.condition == "class":
+    embedder = conditioning.ClassEmbedder(num_classes=table, features=m.context_dim, param_dtype=unet.param_dtype)
+  model = unet if embedder is None else conditioning.ConditionedUNet(unet=unet, embedder=embedder,
+                                                                      text_output=output, frozen=frozen)
+  tx = optimizer(config, config.train.learning_rate)
+  exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes,
+                   mesh=mesh_lib.make_mesh(config.mesh), network="latent_diffusion", null_class=null_class,
+                   condition=latent_lib.conditioner_for(config, tokenizer, num_classes), first_stage=stage,
+                   tokenizer=tokenizer)
+  exp.make_state = functools.partial(_latent_state, exp=exp, frozen=frozen)
+  exp.frozen_loader = functools.partial(_frozen_weights, exp=exp, frozen=frozen)
+  if m.init_from:
+    exp.initial_params = functools.partial(_imported_unet, exp=exp)
+  exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), exp.mesh)
+  return exp
+
+
+def latent_dummy_inputs(exp: Experiment) -> tuple:
+  """(x, t, raw condition) of a batch of one for a latent job's network."""
+  x = jnp.zeros((1, *exp.diffusion_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.float32)
+  cond = None
+  if exp.condition is not None:
+    cond = jax.tree.map(lambda v: v[:1], exp.condition.null(1))
+  return x, t, cond
+
+
+def _latent_state(key, *, exp: Experiment, frozen: bool) -> TrainState:
+  params = dict(exp.model.init(key, *latent_dummy_inputs(exp), train=False)["params"])
+  if frozen:
+    params.pop("embedder")  # a frozen text encoder is read from its weights, never trained or checkpointed
+  return create_state(params, exp.tx, num_timesteps=exp.diffusion.num_timesteps)
+
+
+def _frozen_weights(*, exp: Experiment, frozen: bool) -> dict:
+  weights = {"autoencoder": _first_stage_params(exp.config, exp.first_stage)}
+  if frozen:
+    from jaxdiff.convert import clip as convert_clip
+    te = exp.config.text_encoder
+    if not te.init_from:
+      raise ConfigError("A frozen text encoder (text_encoder.trainable=False) needs weights: set "
+                        "--config.text_encoder.init_from to a transformers CLIPTextModel folder, or train it with "
+                        "text_encoder.trainable=True.")
+    weights["embedder"] = convert_clip.load_text_encoder(te.init_from, te)[1]
+  return weights
+
+
+def _first_stage_params(config, stage):
+  """The first stage's weights on the host (a workdir's EMA weights when `latent.autoencoder_use_ema`)."""
+  if stage.workdir:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.job = "autoencoder"
+    cfg.autoencoder.update(stage.section.to_dict())
+    cfg.autoencoder.init_from = None
+    cfg.autoencoder_loss.update(stage.loss_keys)  # the discriminator's layout, part of that run's signature
+    cfg.train.grad_accum_steps = 1
+    exp = build(cfg, network="autoencoder")  # restored like any autoencoder run
+    params, _ = exp.restore_params(stage.workdir, use_ema=config.latent.autoencoder_use_ema, weights_only=True)
+    return params
+  from jaxdiff.convert import autoencoder as convert_autoencoder
+  return convert_autoencoder.load_autoencoder(stage.init_from, stage.section)[1]
+
+
+def _imported_unet(abstract_params, *, exp: Experiment):
+  """model.init_from: a diffusers UNet2DConditionModel folder or a single-file LDM/SD checkpoint's UNet."""
+  from jaxdiff.convert import sd_unet
+  unet = sd_unet.load_unet(exp.config.model.init_from, exp.config.model, image_size=exp.diffusion_shape[0])
+  return {"unet": unet} if "unet" in abstract_params else unet

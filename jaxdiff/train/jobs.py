@@ -42,7 +42,8 @@ def input_batches(exp: experiment_lib.Experiment, start_step: int, *, split: str
       name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=split or d.split, image_size=d.image_size,
       channels=d.channels, batch_size=exp.config.train.batch_size // jax.process_count(), seed=exp.config.seed,
       random_flip=d.random_flip and augment, random_crop=d.random_crop and augment, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      **data_lib.caption_options(d, exp.tokenizer))
 
 
 def _base_key(exp):
@@ -60,11 +61,10 @@ class DiffusionJob:
     exp, t = self.exp, self.exp.config.train
     return _jit_step(exp, functools.partial(
         train_step, apply_fn=exp.model.apply, diffusion=exp.diffusion, tx=exp.tx, base_key=_base_key(exp),
-        ema_decay=t.ema_decay, class_conditional=bool(exp.num_classes),
+        ema_decay=t.ema_decay, condition=exp.condition,
         loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
         vlb_weight=exp.config.diffusion.vlb_weight, min_snr_gamma=exp.config.diffusion.min_snr_gamma,
         timestep_sampler=parse_timestep_sampler(t.timestep_sampler), grad_accum_steps=t.grad_accum_steps,
-        null_label=exp.num_classes if exp.null_class else None,
         cond_drop_prob=t.cond_drop_prob if exp.null_class else 0.0))
 
   def show(self, state, workdir: str, step: int, writer) -> dict:
@@ -74,13 +74,63 @@ class DiffusionJob:
     n = exp.config.train.num_grid_samples
     count = -(-n // jax.device_count()) * jax.device_count()
     if self._sample_fn is None:
-      self._sample_fn = sampling.make_sample_fn(exp, clip_denoised=exp.config.sample.clip_denoised)
+      self._sample_fn = sampling.make_sample_fn(exp, clip_denoised=exp.config.sample.clip_denoised,
+                                                prompts=grid_prompts(exp))
     images, _ = sampling.draw_indices(self._sample_fn, state.ema_params, seed=exp.config.sample.seed,
                                       indices=sampling.pad_to(np.arange(n), count))
     path = os.path.join(workdir, "samples", f"train_grid_step{step:07d}.png")
     if jax.process_index() == 0:
       sampling.save_grid(images[:n], path)
     return {"grid": path}
+
+
+def grid_prompts(exp: experiment_lib.Experiment, limit: int = 64) -> list[str] | None:
+  """A text-conditioned model's grid prompts: `sample.prompt(_file)`, else the data's captions (one per class for
+  label captions, so the grid shows every class in order; else the first distinct captions)."""
+  if exp.tokenizer is None:
+    return None
+  prompts = sampling.read_prompts(exp.config.sample)
+  if prompts:
+    return prompts
+  d = exp.config.data
+  options = dict(name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=d.split)
+  if d.captions == "label":
+    return list(data_lib.class_captions(**options, caption_template=d.caption_template,
+                                        class_names=tuple(d.class_names)))
+  return list(dict.fromkeys(data_lib.captions_of(**options, **data_lib.caption_options(d))))[:limit]
+
+
+class LatentDiffusionJob(DiffusionJob):
+  """Latent diffusion: the diffusion loss on the frozen first stage's scaled latents, drawn in the step; the sample
+  grid is decoded by the same autoencoder. Frozen weights (autoencoder, a frozen text encoder) are arguments of the
+  jitted step, not part of the train state."""
+
+  def train_step(self):
+    exp, t = self.exp, self.exp.config.train
+    frozen = exp.frozen_params()
+    replicated = NamedSharding(exp.mesh, P())
+    stage = exp.first_stage
+
+    def step(state, batch, frozen):
+      embedder = {"embedder": frozen["embedder"]} if "embedder" in frozen else {}
+
+      def apply_fn(variables, *args, **kwargs):
+        return exp.model.apply({"params": {**variables["params"], **embedder}}, *args, **kwargs)
+
+      def encode(images, key):
+        return stage.scale_factor * autoencoder_train.latents(stage.model, frozen["autoencoder"], images, key)
+
+      return train_step(
+          state, batch, apply_fn=apply_fn, encode=encode, diffusion=exp.diffusion, tx=exp.tx,
+          base_key=_base_key(exp), ema_decay=t.ema_decay, condition=exp.condition,
+          loss_type=parse_loss(exp.config.diffusion.loss, exp.diffusion.var_type),
+          vlb_weight=exp.config.diffusion.vlb_weight, min_snr_gamma=exp.config.diffusion.min_snr_gamma,
+          timestep_sampler=parse_timestep_sampler(t.timestep_sampler), grad_accum_steps=t.grad_accum_steps,
+          cond_drop_prob=t.cond_drop_prob if exp.condition is not None else 0.0)
+
+    jitted = jax.jit(step, donate_argnums=0, in_shardings=(exp.state_sharding, exp.batch_sharding, replicated),
+                     out_shardings=(exp.state_sharding, None))
+    return lambda state, batch: jitted(state, batch, frozen)
 
 
 class ClassifierJob:
@@ -252,7 +302,8 @@ class AutoencoderJob:
             "latent_scale_file": scale_file}
 
 
-JOBS = {"diffusion": DiffusionJob, "classifier": ClassifierJob, "autoencoder": AutoencoderJob}
+JOBS = {"diffusion": DiffusionJob, "classifier": ClassifierJob, "autoencoder": AutoencoderJob,
+        "latent_diffusion": LatentDiffusionJob}
 
 
 def for_experiment(exp: experiment_lib.Experiment):

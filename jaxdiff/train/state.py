@@ -99,34 +99,36 @@ def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
 
 def train_step(state: TrainState, batch: dict, *, apply_fn: Callable, diffusion: GaussianDiffusion,
                tx: optax.GradientTransformation, base_key: jax.Array, ema_decay: float,
-               class_conditional: bool, loss_type: LossType = LossType.MSE, vlb_weight: float = 1e-3,
+               condition: Any = None, loss_type: LossType = LossType.MSE, vlb_weight: float = 1e-3,
                timestep_sampler: TimestepSampler = TimestepSampler.UNIFORM, grad_accum_steps: int = 1,
-               min_snr_gamma: float = 0.0, null_label: int | None = None, cond_drop_prob: float = 0.0):
+               min_snr_gamma: float = 0.0, cond_drop_prob: float = 0.0,
+               encode: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
   """One optimisation step: draw t, x_t = q_sample, minimise `loss_type` (importance-weighted for a non-uniform t).
 
   With grad_accum_steps > 1 the batch is processed in that many micro-batches whose gradients are summed, so
   activations of only one micro-batch are alive at a time; t and the noise are drawn for the whole batch first.
-  With cond_drop_prob > 0 each example's label becomes `null_label` with that probability (classifier-free guidance).
+  `condition` (a conditioner of models/conditioning.py, or None) reads the raw condition from the batch; with
+  cond_drop_prob > 0 each example's condition becomes its null value with that probability (classifier-free
+  guidance). `encode(images, key)` maps the images to the diffused data (a frozen autoencoder's scaled latents).
   """
   key = jax.random.fold_in(base_key, state.step)
   t_key, noise_key, dropout_key = jax.random.split(key, 3)
   drop_key = jax.random.fold_in(key, 3)  # apart from the split, so runs without dropping keep their draws
-  x0 = batch["image"]
+  x0 = batch["image"] if encode is None else encode(batch["image"], jax.random.fold_in(key, 4))
   batch_size = x0.shape[0]
   if timestep_sampler == TimestepSampler.LOSS_SECOND_MOMENT:
     t, weights = state.loss_history.sample(t_key, batch_size)
   else:
     t, weights = jax.random.randint(t_key, (batch_size,), 0, diffusion.num_timesteps), jnp.ones((batch_size,))
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-  cond = conditioning.class_condition(batch["label"] if class_conditional else jnp.zeros((batch_size,), jnp.int32))
-  if class_conditional and cond_drop_prob > 0:
-    cond = conditioning.drop(drop_key, cond, conditioning.null_class_condition(batch_size, null_label), cond_drop_prob)
+  cond = {} if condition is None else condition.from_batch(batch)
+  if condition is not None and cond_drop_prob > 0:
+    cond = conditioning.drop(drop_key, cond, condition.null(batch_size), cond_drop_prob)
   inputs = dict(x0=x0, t=t, noise=noise, weights=weights, cond=cond)
 
   def loss_fn(params, mb, dropout_key):
     x_t = diffusion.q_sample(mb["x0"], mb["t"], mb["noise"])
-    labels = mb["cond"]["label"] if class_conditional else None
-    out = apply_fn({"params": params}, x_t, mb["t"], labels, train=True, rngs={"dropout": dropout_key})
+    out = apply_fn({"params": params}, x_t, mb["t"], mb["cond"] or None, train=True, rngs={"dropout": dropout_key})
     losses = diffusion.training_losses(out, mb["x0"], x_t, mb["t"], mb["noise"], loss_type=loss_type,
                                        vlb_weight=vlb_weight, min_snr_gamma=min_snr_gamma)
     # Normalised by the whole batch, so summing micro-batch values gives the batch mean.
