@@ -24,7 +24,7 @@ class ClassConditioner:
   num_classes: int
 
   def from_batch(self, batch: dict) -> dict:
-    return {"label": jnp.asarray(batch["label"], jnp.int32)}
+    return class_condition(batch["label"])
 
   def null(self, batch_size: int) -> dict:
     return {"label": jnp.full((batch_size,), self.num_classes, jnp.int32)}

@@ -220,11 +220,9 @@ def _build_latent(config, diffusion) -> Experiment:
     num_classes = label_classes(config, why=f"latent.condition={lat.condition!r}" if lat.condition == "class"
                                 else "model.class_conditional=True")
   null_class = bool(num_classes) and config.train.cond_drop_prob > 0
-  table = num_classes + int(null_class)
   unet = models.create_model(m, image_size=size, in_channels=channels,
                              out_channels=channels * diffusion.output_channels_factor,
-                             num_classes=table - int(null_class) if m.class_conditional else None,
-                             null_class=null_class)
+                             num_classes=num_classes if m.class_conditional else None, null_class=null_class)
   tokenizer, embedder, frozen, output = None, None, False, ""
   if lat.condition == "text":
     from jaxdiff.models import clip
@@ -236,7 +234,8 @@ def _build_latent(config, diffusion) -> Experiment:
     embedder = clip.create_text_encoder(te, dtype=unet.dtype, param_dtype=unet.param_dtype)
     frozen, output = not te.trainable, te.output
   elif lat.condition == "class":
-    embedder = conditioning.ClassEmbedder(num_classes=table, features=m.context_dim, param_dtype=unet.param_dtype)
+    embedder = conditioning.ClassEmbedder(num_classes=num_classes + int(null_class), features=m.context_dim,
+                                          param_dtype=unet.param_dtype)
   model = unet if embedder is None else conditioning.ConditionedUNet(unet=unet, embedder=embedder,
                                                                       text_output=output, frozen=frozen)
   tx = optimizer(config, config.train.learning_rate)

@@ -24,6 +24,7 @@ from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
 from jaxdiff.models import lpips
 from jaxdiff.train import autoencoder as autoencoder_train
 from jaxdiff.train import experiment as experiment_lib
+from jaxdiff.train.latent import LATENT_SCALE_FILE  # the latent job reads what the autoencoder job writes
 from jaxdiff.train import mesh as mesh_lib
 from jaxdiff.train.state import classifier_outputs, classifier_train_step, train_step
 
@@ -195,9 +196,6 @@ class ClassifierJob:
       with open(path, "w") as f:
         json.dump(result, f, indent=2)
     return {"evaluation": result, "evaluation_file": path}
-
-
-LATENT_SCALE_FILE = "latent_scale.json"
 
 
 class AutoencoderJob:

@@ -21,7 +21,6 @@ from jaxdiff.models import autoencoder as autoencoder_lib
 from jaxdiff.models import conditioning
 
 LATENT_SCALE_FILE = "latent_scale.json"  # written by the autoencoder job beside its checkpoints
-CONDITIONS = ("none", "class", "text")
 
 
 @dataclasses.dataclass
