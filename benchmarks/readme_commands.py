@@ -44,11 +44,15 @@ SKIPPED = {  # a substring of the command: why it does not run here, and what co
     "autoencoder_ldm.py:": "needs released VAE weights or LPIPS files (tests/test_autoencoder.py imports random "
                            "diffusers and SD-layout files; tests/test_autoencoder_jobs.py trains with LPIPS)",
     "vae_memory.py": "a benchmark of minutes at 1024x1024 (its numbers are in the README)",
-    "stable_diffusion.py:": "needs a Stable Diffusion folder (tests/test_sd_pipeline.py samples a random one through "
-                            "this config)",
+    "stable_diffusion.py:": "needs a Stable Diffusion folder (tests/test_sd_pipeline.py and "
+                            "tests/test_sdxl_pipeline.py sample random SD and SDXL ones through this config)",
     "ldm_demo.py": "a demo of 15 minutes (tests/test_benchmarks.py runs it with --smoke)",
     "ldm_mnist.py": "needs an autoencoder run (tests/test_latent_diffusion.py trains and samples :smoke on one)",
     "sd_unet_compile.py": "a benchmark of minutes (its numbers are in benchmarks/RESULTS.md)",
+    "sdxl_memory.py": "a benchmark of half an hour (its numbers are in benchmarks/RESULTS.md; tests/test_sdxl_unet.py "
+                      "runs it on a tiny config)",
+    "sdxl_demo.py": "a demo of 15 minutes (tests/test_sdxl_demo.py runs it with --smoke)",
+    "sdxl_mnist.py": "needs an autoencoder run (benchmarks/sdxl_demo.py trains one and this model)",
 }
 
 

@@ -1,6 +1,9 @@
-"""Stable Diffusion 1.x/2.x from local weights, for sample.py: a diffusers folder (model_index.json with unet/, vae/,
-text_encoder/, tokenizer/, scheduler/) or a single CompVis/Stability checkpoint (.ckpt/.safetensors; then set
---config.text_encoder.tokenizer to a tokenizer folder, and diffusion.mean_type=v for a 768-v SD 2.x model).
+"""Stable Diffusion 1.x/2.x and SDXL (base or refiner) from local weights, for sample.py: a diffusers folder
+(model_index.json with unet/, vae/, text_encoder/, tokenizer/ (SDXL: also text_encoder_2/, tokenizer_2/),
+scheduler/) or a single CompVis/Stability checkpoint (.ckpt/.safetensors; then set --config.text_encoder.tokenizer
+(and for SDXL --config.text_encoder_2.tokenizer) to tokenizer folders, and diffusion.mean_type=v for a 768-v SD 2.x
+model). SDXL's base-to-refiner handoff: sample the base with --config.sample.denoising_end=0.8 (it writes latents),
+then the refiner with --config.sample.denoising_start=0.8 --config.sample.init_images=<the base's samples .npz>.
 
   python sample.py --config configs/stable_diffusion.py:/models/stable-diffusion-v1-5 --workdir runs/sd15 \
       --config.sample.prompt="a photo of an astronaut riding a horse" --config.sample.num_samples=4

@@ -137,7 +137,10 @@ def _report(job: str, summary: dict, workdir: str):
       print(f"EMA sample grid: {summary['grid']}")
     print(f"checkpoints:     {summary['checkpoints']}\nTensorBoard:     tensorboard --logdir {summary['tensorboard']}")
   elif job == "sample":
-    print(f"sample grid: {summary['grid']}\nsamples:     {summary['npz']}")
+    if "grid" in summary:
+      print(f"sample grid: {summary['grid']}\nsamples:     {summary['npz']}")
+    else:  # sample.denoising_end < 1: the latents a refiner continues from
+      print(f"latents:     {summary['npz']} (continue with --config.sample.init_images=<this file>)")
   elif job == "evaluate":
     print(f"reconstruction of {summary['examples']} images of {summary['split']}: PSNR {summary['psnr']:.2f} dB, "
           f"SSIM {summary['ssim']:.4f}, LPIPS {summary['lpips']}, rFID {summary['rfid']} ({summary['file']})")

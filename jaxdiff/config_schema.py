@@ -23,6 +23,9 @@ TEXT_ENCODER_KINDS = ("", "clip")
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 DISC_LOSSES = ("hinge", "vanilla")
 LABEL_MODES = ("cycle", "fixed", "random")
+CROPS = ("center", "random")
+MICRO_KEYS = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
+TEXT_NULLS = ("empty_prompt", "zeros")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,13 @@ def integers(low: int, *, allow_empty: bool = False) -> Rule:
   return Rule(accepts, f"a {'' if allow_empty else 'non-empty '}tuple of integers >= {low}", f"({low - 1},)")
 
 
+def pair(*, low: int = 1, allow_empty: bool = False) -> Rule:
+  """Two integers >= low, as (height, width) or (top, left); or () when allow_empty."""
+  return Rule(lambda v: isinstance(v, (tuple, list)) and ((allow_empty and len(v) == 0) or (
+      len(v) == 2 and all(_is_int(x) and x >= low for x in v))),
+              f"two integers >= {low}" + (" or ()" if allow_empty else ""), "(1,)")
+
+
 def either(*rules: Rule) -> Rule:
   return Rule(lambda v: any(r.accepts(v) for r in rules), " or ".join(r.expected for r in rules), rules[0].bad)
 
@@ -126,6 +136,23 @@ def _schema() -> dict[str, Rule]:
   from jaxdiff.models import clip
   from jaxdiff.train.state import LR_SCHEDULES
   seed = integer(0, 2 ** 32 - 1)
+  text_encoder_rules = {
+      "text_encoder.kind": choice(TEXT_ENCODER_KINDS),
+      "text_encoder.vocab_size": integer(2),
+      "text_encoder.width": integer(1),
+      "text_encoder.num_layers": integer(1),
+      "text_encoder.num_heads": integer(1),
+      "text_encoder.max_length": integer(2),
+      "text_encoder.activation": choice(clip.ACTIVATIONS),
+      "text_encoder.output": choice(clip.OUTPUTS),
+      "text_encoder.projection_dim": integer(0),
+      "text_encoder.eos_token_id": integer(0),
+      "text_encoder.pad_token": text(pattern=r"\S*", words="'' (the tokenizer folder's) or one token without spaces",
+                                     bad="a b"),
+      "text_encoder.tokenizer": path(exists=True),
+      "text_encoder.init_from": path(exists=True),
+      "text_encoder.trainable": boolean(),
+  }
   return {
       "job": choice(NETWORK_JOBS),
       "seed": seed,
@@ -150,6 +177,9 @@ def _schema() -> dict[str, Rule]:
                                 words="a text feature / metadata.jsonl column name, or '' for the only one"),
       "data.caption_template": Rule(is_caption_template, "a string with one {} for the class name, e.g. 'a photo of "
                                     "a {}'", "no-placeholder"),
+      "data.crop": choice(CROPS),
+      "data.multi_aspect": boolean(),
+      "data.bucket_multiple": integer(1),
       "data.class_names": Rule(lambda v: isinstance(v, (tuple, list)) and all(isinstance(n, str) and n for n in v),
                                "a tuple of non-empty class names, or () for the dataset's", "(1,)"),
       **network_rules("model"),
@@ -163,6 +193,7 @@ def _schema() -> dict[str, Rule]:
       "model.transformer_depth": either(integer(0), integers(0)),
       "model.context_dim": integer(0),
       "model.use_linear_projection": boolean(),
+      "model.adm_in_channels": integer(0),
       "model.class_conditional": boolean(),
       "model.num_classes": integer(0),
       "model.init_from": path(exists=True),
@@ -200,6 +231,8 @@ def _schema() -> dict[str, Rule]:
       "train.adam_b2": number(0, 1, high_open=True),
       "train.disc_start": integer(0),
       "train.disc_learning_rate": number(0),
+      "train.compilation_cache_dir": text(pattern=r"\S*", words="a folder, '' (<workdir>/compilation_cache) or 'none'",
+                                          bad="two words"),
       **network_rules("classifier"),
       "classifier.pool": choice(POOLS),
       "classifier.eval_split": text(pattern=r"|[A-Za-z][\w\[\]:%+.,\- ]*", bad="0",
@@ -236,21 +269,16 @@ def _schema() -> dict[str, Rule]:
       "latent.autoencoder_workdir": path(exists=True),
       "latent.autoencoder_use_ema": boolean(),
       "latent.condition": choice(LATENT_CONDITIONS),
-      "text_encoder.kind": choice(TEXT_ENCODER_KINDS),
-      "text_encoder.vocab_size": integer(2),
-      "text_encoder.width": integer(1),
-      "text_encoder.num_layers": integer(1),
-      "text_encoder.num_heads": integer(1),
-      "text_encoder.max_length": integer(2),
-      "text_encoder.activation": choice(clip.ACTIVATIONS),
-      "text_encoder.output": choice(clip.OUTPUTS),
-      "text_encoder.projection_dim": integer(0),
-      "text_encoder.eos_token_id": integer(0),
-      "text_encoder.pad_token": text(pattern=r"\S*", words="'' (the tokenizer folder's) or one token without spaces",
-                                     bad="a b"),
-      "text_encoder.tokenizer": path(exists=True),
-      "text_encoder.init_from": path(exists=True),
-      "text_encoder.trainable": boolean(),
+      "latent.micro_conditioning": Rule(lambda v: isinstance(v, (tuple, list)) and all(k in MICRO_KEYS for k in v)
+                                        and len(set(v)) == len(v), f"a tuple of distinct names from {MICRO_KEYS}",
+                                        "('size',)"),
+      "latent.micro_embed_dim": Rule(lambda v: _is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2", "3"),
+      "latent.micro_drop_probs": Rule(lambda v: isinstance(v, (tuple, list)) and all(
+          isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1 for p in v),
+                                      "a tuple of probabilities in [0, 1), one per micro key", "(1.5,)"),
+      "latent.text_null": choice(TEXT_NULLS),
+      **text_encoder_rules,
+      **{key.replace("text_encoder.", "text_encoder_2.", 1): rule for key, rule in text_encoder_rules.items()},
       "sample.num_samples": integer(1),
       "sample.per_device_batch_size": integer(1),
       "sample.clip_denoised": boolean(),
@@ -262,6 +290,17 @@ def _schema() -> dict[str, Rule]:
       "sample.steps_offset": integer(0),
       "sample.set_alpha_to_one": boolean(),
       "sample.eta": number(0),
+      "sample.height": integer(0),
+      "sample.width": integer(0),
+      "sample.original_size": pair(allow_empty=True),
+      "sample.crops_coords_top_left": pair(low=0),
+      "sample.target_size": pair(allow_empty=True),
+      "sample.aesthetic_score": number(0),
+      "sample.negative_aesthetic_score": number(0),
+      "sample.init_images": path(exists=True),
+      "sample.strength": number(0, 1, low_open=True),
+      "sample.denoising_start": number(0, 1, high_open=True),
+      "sample.denoising_end": number(0, 1, low_open=True),
       "sample.prompt": text(pattern=r"[^\n\r]*", words="one line of text (several prompts: sample.prompt_file)",
                             bad="two\nlines"),
       "sample.prompt_file": path(exists=True),
@@ -316,6 +355,9 @@ def _cross_checks(config, job: str | None = None):
     raise ConfigError(f"data.name={IMAGE_FOLDER!r} needs a folder of images: set --config.data.image_dir.")
   if d.image_dir and d.name != IMAGE_FOLDER:
     raise ConfigError(f"data.image_dir is only read with data.name={IMAGE_FOLDER!r}: set that, or unset image_dir.")
+  if d.multi_aspect and d.image_size % d.bucket_multiple:
+    raise ConfigError(f"data.multi_aspect: data.image_size={d.image_size} (the pixel budget's side) must be a multiple "
+                      f"of data.bucket_multiple={d.bucket_multiple}.")
   if d.text_feature and d.captions != "text":
     raise ConfigError(f"data.text_feature={d.text_feature!r} is only read with data.captions='text': set that, or "
                       "unset text_feature.")
@@ -326,9 +368,10 @@ def _cross_checks(config, job: str | None = None):
   latent = config.job == "latent_diffusion"
   if latent:
     _latent_checks(config, job)
-  elif m.context_dim or config.latent.condition != "none":
-    raise ConfigError(f"model.context_dim={m.context_dim} / latent.condition={config.latent.condition!r} condition "
-                      "a latent diffusion model: set --config.job=latent_diffusion, or 0 / 'none'.")
+  elif m.context_dim or config.latent.condition != "none" or m.adm_in_channels or config.latent.micro_conditioning:
+    raise ConfigError(f"model.context_dim={m.context_dim} / latent.condition={config.latent.condition!r} / "
+                      f"model.adm_in_channels={m.adm_in_channels} / latent.micro_conditioning condition a latent "
+                      "diffusion model: set --config.job=latent_diffusion, or 0 / 'none' / ().")
   from jaxdiff.diffusion import gaussian, get_sampler, schedules
   betas = schedules.get_betas(config.diffusion.schedule, config.diffusion.num_timesteps,
                               beta_start=config.diffusion.beta_start, beta_end=config.diffusion.beta_end)
@@ -368,7 +411,7 @@ def _latent_checks(config, job: str | None):
   if lat.condition == "text":
     if te.kind != "clip":
       raise ConfigError("latent.condition='text' needs a text encoder: set --config.text_encoder.kind=clip.")
-    if te.width != m.context_dim:
+    if te.width != m.context_dim and not config.text_encoder_2.kind:
       raise ConfigError(f"text_encoder.width={te.width} differs from model.context_dim={m.context_dim}: the UNet "
                         "cross-attends to the text encoder's hidden states, so set both to the same width.")
     if not te.tokenizer:
@@ -385,6 +428,7 @@ def _latent_checks(config, job: str | None):
                         "data's) or 'label' (made from the class names).")
   elif te.kind:
     raise ConfigError(f"text_encoder.kind={te.kind!r} is read only with latent.condition='text': set that, or ''.")
+  _sdxl_checks(config, job)
   if a.init_from:
     from jaxdiff import models
     from jaxdiff.models import autoencoder
@@ -396,6 +440,53 @@ def _latent_checks(config, job: str | None):
     models.create_model(m, image_size=config.data.image_size // f, in_channels=a.latent_channels,
                         out_channels=a.latent_channels, num_classes=(m.num_classes or 2) if m.class_conditional
                         else None)
+
+
+def expected_adm_in_channels(config) -> int:
+  """The width of cond['vector'] the conditioning gives: the last text encoder's pooled output (projected when it
+  has a projection) and micro_embed_dim per micro-conditioning scalar (two per size or crop, one per score)."""
+  lat, te, te2 = config.latent, config.text_encoder, config.text_encoder_2
+  last = te2 if te2.kind else te
+  pooled = (last.projection_dim or last.width) if lat.condition == "text" else 0
+  scalars = sum(1 if key == "aesthetic_score" else 2 for key in lat.micro_conditioning)
+  return pooled + scalars * lat.micro_embed_dim
+
+
+def _sdxl_checks(config, job: str | None):
+  """A second text encoder, the vector condition and the micro-conditioning fit one another."""
+  lat, m, te, te2, s = config.latent, config.model, config.text_encoder, config.text_encoder_2, config.sample
+  if te2.kind:
+    if lat.condition != "text" or te.kind != "clip":
+      raise ConfigError("text_encoder_2 is a second text encoder: set latent.condition='text' and text_encoder.kind "
+                        "too, or text_encoder_2.kind=''.")
+    if te.width + te2.width != m.context_dim:
+      raise ConfigError(f"model.context_dim={m.context_dim} must be text_encoder.width + text_encoder_2.width = "
+                        f"{te.width + te2.width}: the UNet attends to both encoders' outputs side by side.")
+    if not te2.tokenizer:
+      raise ConfigError("text_encoder_2 needs its own tokenizer: set --config.text_encoder_2.tokenizer.")
+    if te2.trainable != te.trainable:
+      raise ConfigError("text_encoder.trainable and text_encoder_2.trainable differ: train both or freeze both.")
+    if not te2.trainable and not te2.init_from:
+      raise ConfigError("A frozen text_encoder_2 needs weights: set --config.text_encoder_2.init_from, or train it "
+                        "with text_encoder_2.trainable=True.")
+  if lat.text_null == "zeros" and lat.condition != "text":
+    raise ConfigError("latent.text_null='zeros' is the null of a text condition: set latent.condition='text', or "
+                      "text_null='empty_prompt'.")
+  if lat.micro_drop_probs and len(lat.micro_drop_probs) != len(lat.micro_conditioning):
+    raise ConfigError(f"latent.micro_drop_probs has {len(lat.micro_drop_probs)} entries for "
+                      f"{len(lat.micro_conditioning)} latent.micro_conditioning keys: give one per key, or ().")
+  if m.adm_in_channels or lat.micro_conditioning:
+    expected = expected_adm_in_channels(config)
+    if m.adm_in_channels != expected:
+      raise ConfigError(f"model.adm_in_channels={m.adm_in_channels}, but the conditioning gives a vector of {expected} "
+                        "(the last text encoder's pooled width + latent.micro_embed_dim per micro-conditioning "
+                        f"scalar): set --config.model.adm_in_channels={expected}.")
+  if s.denoising_start and s.denoising_end < 1 and s.denoising_start >= s.denoising_end:
+    raise ConfigError(f"sample.denoising_start={s.denoising_start} must be below sample.denoising_end="
+                      f"{s.denoising_end}.")
+  if (s.strength < 1 or s.denoising_start) and not s.init_images and job == "sample":
+    raise ConfigError("sample.strength < 1 and sample.denoising_start > 0 continue from given images or latents: set "
+                      "--config.sample.init_images to an .npz (arr_0 uint8 images, or `latents`).")
 
 
 def _autoencoder_checks(config, job: str | None):

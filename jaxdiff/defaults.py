@@ -37,6 +37,11 @@ def get_config():
   data.text_feature = ""  # captions="text": the TFDS Text feature or metadata.jsonl column; "" = the only one / "text"
   data.caption_template = "{}"  # captions="label": the class name fills the {}, e.g. "a handwritten {}"
   data.class_names = ()  # captions="label": one name per class; () = the dataset's class names
+  # How an image is fitted to its (bucket's) shape: its shorter side resized, then the rest cropped at the centre or,
+  # as SDXL, at random; the crop's top-left and the original size are recorded for micro-conditioning.
+  data.crop = "center"  # center | random
+  data.multi_aspect = False  # True: SDXL's aspect-ratio buckets at a budget of image_size^2 pixels, one per batch
+  data.bucket_multiple = 64  # bucket sides are multiples of this (64 at 1024^2; the latent factor x UNet's for tiny)
 
   config.model = model = ml_collections.ConfigDict()
   model.base_channels = 128
@@ -60,6 +65,7 @@ def get_config():
   model.transformer_depth = 0  # 0: ADM attention blocks; >= 1: that many LDM/SD spatial-transformer blocks at the
   # attention_resolutions and in the middle block (or one depth per level; the middle block uses the last level's)
   model.context_dim = 0  # > 0: the spatial transformers cross-attend to cond['context'] of this width
+  model.adm_in_channels = 0  # > 0: the width of cond['vector'] (SDXL: pooled text + micro-conditioning sinusoids)
   model.use_linear_projection = False  # spatial-transformer proj_in/proj_out as linear (SD 2.x), not 1x1 conv (SD 1.x)
   model.class_conditional = False  # embed data labels (classes come from the dataset)
   model.num_classes = 0  # with class_conditional: 0 = count the dataset's classes; > 0 = this many
@@ -102,6 +108,9 @@ def get_config():
   train.adam_b2 = 0.999
   train.disc_start = 50_001  # autoencoder job: the step from which the patch-GAN discriminator trains and guides
   train.disc_learning_rate = 0.0  # the discriminator's Adam rate; 0 = train.learning_rate (as LDM)
+  # JAX's persistent compilation cache (the step compiles once per bucket shape): a folder, "none" off, or "" =
+  # JAX_COMPILATION_CACHE_DIR when the process has one, else <workdir>/compilation_cache
+  train.compilation_cache_dir = ""
 
   # The noisy classifier: trained with config.job="classifier", read for classifier guidance when sampling.
   # Defaults: guided-diffusion's released classifiers (legacy QKV order in the blocks, attention pool).
@@ -160,23 +169,21 @@ def get_config():
   latent.autoencoder_workdir = config_dict.placeholder(str)  # a config.job="autoencoder" run; else autoencoder.init_from
   latent.autoencoder_use_ema = False  # read that run's EMA weights (LDM decodes with the raw ones)
   latent.condition = "none"  # none | class (LDM's class embedder: one cross-attention token) | text (text_encoder)
+  # SDXL micro-conditioning: these scalars of each example, as sinusoids in cond['vector'] (model.adm_in_channels),
+  # in order; from original_size, crops_coords_top_left, target_size (SDXL base) and aesthetic_score (refiner).
+  latent.micro_conditioning = ()
+  latent.micro_embed_dim = 256  # sinusoid width per scalar (diffusers' addition_time_embed_dim)
+  latent.micro_drop_probs = ()  # one probability per micro key of dropping it to a zero embedding (SGM's ucg_rate)
+  # The null text condition: the tokens of "" (SD 1.x/2.x) or zero context and pooled embeddings (SDXL: SGM's
+  # dropped caption, diffusers' force_zeros_for_empty_prompt).
+  latent.text_null = "empty_prompt"  # empty_prompt | zeros
 
   # The text encoder of text-to-image latent diffusion: CLIP's text transformer (defaults: CLIP ViT-L/14's, SD 1.x).
-  config.text_encoder = te = ml_collections.ConfigDict()
-  te.kind = ""  # "" none | clip
-  te.vocab_size = 49408
-  te.width = 768
-  te.num_layers = 12
-  te.num_heads = 12
-  te.max_length = 77  # tokens per prompt (bos + 75 + eos), the position embedding's length
-  te.activation = "quick_gelu"  # quick_gelu (OpenAI CLIP) | gelu (OpenCLIP, SD 2.x)
-  te.output = "last"  # what the UNet attends to: last (final LayerNorm applied) | penultimate (the last layer's input)
-  te.projection_dim = 0  # > 0: CLIPTextModelWithProjection's text_projection of the pooled (eos) output
-  te.eos_token_id = 49407  # the pooled output is taken at the first eos token
-  te.pad_token = ""  # "" = as the tokenizer folder says (SD 1.x pads with <|endoftext|>, SD 2.x with "!")
-  te.tokenizer = config_dict.placeholder(str)  # folder with vocab.json + merges.txt, or tokenizer.json
-  te.init_from = config_dict.placeholder(str)  # a transformers CLIPTextModel(WithProjection) folder or SD checkpoint
-  te.trainable = False  # True: trained jointly with the UNet (as LDM trained its own text transformer)
+  config.text_encoder = text_encoder()
+  # A second text encoder (SDXL: OpenCLIP ViT-bigG/14, penultimate output, projection_dim=1280), same keys; its
+  # output is concatenated to the first's as the context, and the last encoder's projected pooled output leads
+  # cond['vector'] when model.adm_in_channels > 0.
+  config.text_encoder_2 = text_encoder()
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 64
@@ -190,6 +197,19 @@ def get_config():
   sample.steps_offset = 0  # diffusers' steps_offset (SD configs: 1): shifts "leadingN" timesteps, as there
   sample.set_alpha_to_one = True  # False (diffusers' DDIM for SD): DDIM's last step ends at alphas_cumprod[0]
   sample.eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+  sample.height = 0  # the size to sample (0 = data.image_size): a latent model samples any multiple of its factor
+  sample.width = 0
+  # SDXL micro-conditioning of the samples: (h, w), () = (height, width); crop (top, left); the refiner's scores
+  sample.original_size = ()
+  sample.crops_coords_top_left = (0, 0)
+  sample.target_size = ()
+  sample.aesthetic_score = 6.0
+  sample.negative_aesthetic_score = 2.5
+  # img2img (SDEdit) and the base -> refiner handoff (diffusers' strength, denoising_end / denoising_start)
+  sample.init_images = config_dict.placeholder(str)  # .npz: arr_0 uint8 images, or `latents` (a base's handoff)
+  sample.strength = 1.0  # < 1: start from init_images noised to this fraction of the schedule
+  sample.denoising_start = 0.0  # > 0: start at this fraction of the schedule from init_images' latents as they are
+  sample.denoising_end = 1.0  # < 1: stop at this fraction and also write the (noisy) latents for a refiner
   sample.prompt = ""  # a text-conditioned model's prompt; or one a line in sample.prompt_file (sample i: prompt i mod n)
   sample.prompt_file = config_dict.placeholder(str)
   sample.negative_prompt = ""  # the unconditional half of classifier-free guidance ("" = the empty caption)
@@ -208,3 +228,23 @@ def get_config():
   likelihood.use_ema = True
   likelihood.clip_denoised = True
   return config
+
+
+def text_encoder() -> ml_collections.ConfigDict:
+  """A text encoder section (config.text_encoder and config.text_encoder_2)."""
+  te = ml_collections.ConfigDict()
+  te.kind = ""  # "" none | clip
+  te.vocab_size = 49408
+  te.width = 768
+  te.num_layers = 12
+  te.num_heads = 12
+  te.max_length = 77  # tokens per prompt (bos + 75 + eos), the position embedding's length
+  te.activation = "quick_gelu"  # quick_gelu (OpenAI CLIP) | gelu (OpenCLIP, SD 2.x)
+  te.output = "last"  # what the UNet attends to: last (final LayerNorm applied) | penultimate (the last layer's input)
+  te.projection_dim = 0  # > 0: CLIPTextModelWithProjection's text_projection of the pooled (eos) output
+  te.eos_token_id = 49407  # the pooled output is taken at the first eos token
+  te.pad_token = ""  # "" = as the tokenizer folder says (SD 1.x pads with <|endoftext|>, SD 2.x with "!")
+  te.tokenizer = config_dict.placeholder(str)  # folder with vocab.json + merges.txt, or tokenizer.json
+  te.init_from = config_dict.placeholder(str)  # a transformers CLIPTextModel(WithProjection) folder or SD checkpoint
+  te.trainable = False  # True: trained jointly with the UNet (as LDM trained its own text transformer)
+  return te

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from jaxdiff import weights
-from jaxdiff.diffusion import create_diffusion, get_sampler, guidance
+from jaxdiff.diffusion import create_diffusion, get_sampler, guidance, samplers
 from jaxdiff.errors import ConfigError, UserError
 from jaxdiff.models import conditioning
 from jaxdiff.progress import progress_bar
@@ -32,6 +32,7 @@ from jaxdiff.train import experiment as experiment_lib
 from jaxdiff.train import mesh as mesh_lib
 
 SHARD_PATTERN = "shard_*.npz"
+OUTPUTS = ("uint8", "float", "latents")
 # Temporary files start with a dot: no reader's pattern matches them.
 _PARTIAL_PREFIX = ".partial-"
 
@@ -41,7 +42,9 @@ _PARTIAL_PREFIX = ".partial-"
 NOT_IN_JOB_IDENTITY = ("seed", "mesh", "distributed", "train", "likelihood", "data.name", "data.data_dir",
                        "data.image_dir", "data.split", "data.random_flip", "data.random_crop", "model.init_from",
                        "sample.per_device_batch_size", "sample.num_samples", "classifier", "sample.prompt_file",
+                       "sample.init_images",  # its contents' fingerprint joins the identity
                        "sample.classifier_workdir", "sample.classifier_from", "text_encoder.init_from",
+                       "text_encoder_2.init_from",
                        "latent.autoencoder_workdir",
                        # a pixel-space model reads neither; a latent job names its autoencoder's weights itself
                        "autoencoder", "autoencoder_loss")
@@ -90,14 +93,18 @@ class SampleFn:
   `classifier` (a (network, params) pair) and sample.classifier_scale > 0, the classifier's gradient guides every
   step; sample.guidance_scale != 1 runs classifier-free guidance against the condition's null value (the null class,
   or the negative prompt's tokens). A latent model samples latents and decodes them with its frozen autoencoder in
-  the same program; a text-conditioned one draws sample i from prompt i mod the number of prompts. With
-  `as_float`, images are floats in [-1, 1] instead of uint8.
+  the same program; a text-conditioned one draws sample i from prompt i mod the number of prompts. `output`:
+  "uint8" images, "float" images in [-1, 1], or "latents" (what the sampler ends with, undecoded: a base model's
+  handoff to a refiner). With sample.strength < 1 or sample.denoising_start > 0, sample i starts from init i mod
+  the number of inits (`set_init`: uint8 images, encoded and noised as SDEdit, or float latents used as they are).
   """
 
   def __init__(self, exp: experiment_lib.Experiment, *, clip_denoised: bool, classifier=None, prompts=None,
-               negative_prompt: str | None = None, as_float: bool = False):
+               negative_prompt: str | None = None, output: str = "uint8"):
     s = exp.config.sample
     sampler = get_sampler(s.sampler, eta=s.eta)
+    if output not in OUTPUTS:
+      raise ConfigError(f"output={output!r}: use one of {', '.join(OUTPUTS)}.")
     self._replicated = NamedSharding(exp.mesh, P())
     self._batch_sharding = exp.batch_sharding
     self.num_classes = exp.num_classes or (classifier[0].out_channels if classifier else 0)
@@ -105,7 +112,15 @@ class SampleFn:
       raise ConfigError(f"sample.class_label={s.class_label} is not a class of this model: use one of 0.."
                         f"{self.num_classes - 1}.")
     self._sample_cfg = s
-    self._text = isinstance(exp.condition, conditioning.TextConditioner)
+    self._condition = exp.condition
+    micro = isinstance(exp.condition, conditioning.MicroConditioner)
+    self._text = isinstance(exp.condition.base if micro else exp.condition, conditioning.TextConditioner)
+    self._micro_keys = exp.condition.keys if micro else ()
+    height, width, _ = exp.sample_shape
+    self.set_micro_conditioning(original_size=tuple(s.original_size) or (height, width),
+                                crops_coords_top_left=tuple(s.crops_coords_top_left),
+                                target_size=tuple(s.target_size) or (height, width),
+                                aesthetic_score=s.aesthetic_score, negative_aesthetic_score=s.negative_aesthetic_score)
     self.prompts = list(prompts if prompts is not None else read_prompts(s)) if self._text else []
     if self._text and not self.prompts:
       raise ConfigError("A text-conditioned model samples from prompts: set --config.sample.prompt or "
@@ -119,12 +134,30 @@ class SampleFn:
     process = create_diffusion(exp.config.diffusion, s.timestep_respacing, sampler=s.sampler,
                                steps_offset=s.steps_offset, set_alpha_to_one=s.set_alpha_to_one)
     self._diffusion = mesh_lib.host_to_mesh(process, self._replicated, process_local=False)
+    steps = samplers.step_range(process, num_train_timesteps=exp.config.diffusion.num_timesteps, strength=s.strength,
+                                denoising_start=s.denoising_start, denoising_end=s.denoising_end)
+    self.partial = (s.strength < 1 or s.denoising_start > 0)  # runs from init images or latents
+    self._init = None
+    self._shape, self.sample_shape = exp.diffusion_shape, exp.sample_shape
     guidance_scale = float(s.guidance_scale) if exp.condition is not None else 1.0
     model, stage = exp.model, exp.first_stage
     wrapped = isinstance(model, conditioning.ConditionedUNet)
 
-    def sample(diffusion, params, frozen, classifier_params, seed, indices, cond, null):
-      variables = {"params": {**params, **({"embedder": frozen["embedder"]} if "embedder" in frozen else {})}}
+    def start(diffusion, frozen, keys, init):
+      """The state the run starts from: None (x_T from the keys), or the init images encoded and noised to the
+      first step (SDEdit), or init latents as they are (a refiner continuing a base's run)."""
+      if init is None:
+        return None
+      if init.dtype == jnp.uint8:
+        x0 = init.astype(jnp.float32) / 127.5 - 1.0
+        if stage is not None:  # the posterior's mean: diffusers samples it, which only adds noise
+          encoded = stage.model.apply({"params": frozen["autoencoder"]}, x0, method=stage.model.encode)
+          x0 = stage.scale_factor * (encoded.mode() if hasattr(encoded, "mode") else encoded)
+        init = x0
+      return samplers.sdedit_init(diffusion, keys, init, steps.start) if steps.add_noise else init
+
+    def sample(diffusion, params, frozen, classifier_params, seed, indices, cond, null, init):
+      variables = {"params": {**params, **experiment_lib.frozen_embedders(frozen)}}
       if wrapped:  # embedded once, outside the sampling loop
         cond = model.apply(variables, cond, method=model.embed)
         null = model.apply(variables, null, method=model.embed) if guidance_scale != 1 else None
@@ -139,18 +172,47 @@ class SampleFn:
       if classifier is not None:
         logits = lambda x, t: classifier[0].apply({"params": classifier_params}, x, t, train=False)
         guide = guidance.classifier_guide(logits, cond["label"], float(s.classifier_scale))
-      images = sampler(diffusion, denoise, sample_keys(seed, indices), exp.diffusion_shape,
-                       clip_denoised=clip_denoised, guide=guide)
+      keys = sample_keys(seed, indices)
+      images = sampler(diffusion, denoise, keys, exp.diffusion_shape, clip_denoised=clip_denoised, guide=guide,
+                       x_init=start(diffusion, frozen, keys, init), start=steps.start, stop=steps.stop)
+      if output == "latents":
+        return images.astype(jnp.float32)
       if stage is not None:
         images = stage.model.apply({"params": frozen["autoencoder"]}, images / stage.scale_factor,
                                    method=stage.model.decode)
-      return jnp.clip(images.astype(jnp.float32), -1, 1) if as_float else to_uint8(images)
+      return jnp.clip(images.astype(jnp.float32), -1, 1) if output == "float" else to_uint8(images)
 
     self.jitted = jax.jit(sample, out_shardings=exp.batch_sharding)
 
+  def set_init(self, init: np.ndarray | None):
+    """What sample i starts from: init[i mod len(init)], uint8 images [N, H, W, C] of the sampled size or float
+    latents [N, h, w, c] (None: x_T)."""
+    if init is None:
+      self._init = None
+      return
+    init = np.asarray(init)
+    pixels = init.dtype == np.uint8
+    want = self.sample_shape if pixels else self._shape
+    if init.ndim != 4 or tuple(init.shape[1:]) != tuple(want):
+      raise ConfigError(f"The init {'images' if pixels else 'latents'} have shape {init.shape}; this model samples "
+                        f"[N, {', '.join(map(str, want))}]: give images of sample.height x sample.width (uint8) or "
+                        "latents of that size (float).")
+    self._init = init if pixels else init.astype(np.float32)
+
   def set_negative_prompt(self, text: str):
-    """The prompt of the unconditional half of classifier-free guidance ("" = the null caption it trained with)."""
+    """The prompt of the unconditional half of classifier-free guidance ("" = the null caption it trained with: the
+    empty prompt's tokens, or a zero embedding for a model trained with latent.text_null='zeros')."""
     self._null_tokens = np.asarray(self._tokenizer([text])[0], np.int32)
+    self._zero_negative = text == "" and getattr(self._condition.base if self._micro_keys else self._condition,
+                                                 "zero_null", False)
+
+  def set_micro_conditioning(self, *, original_size, crops_coords_top_left, target_size, aesthetic_score,
+                             negative_aesthetic_score):
+    """SDXL's micro-conditioning of every sample, (height, width) / (top, left) pairs; the guidance's unconditional
+    half differs only in its aesthetic score, as in diffusers."""
+    values = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
+    self._micro = {**values, "aesthetic_score": (aesthetic_score,)}
+    self._negative_micro = {**values, "aesthetic_score": (negative_aesthetic_score,)}
 
   def labels(self, indices) -> np.ndarray | None:
     """Each sample's class, or for a text-conditioned model the index of its prompt."""
@@ -161,20 +223,37 @@ class SampleFn:
   def conditions(self, indices) -> tuple[dict, dict]:
     """The raw condition of each index and its null value, as host arrays."""
     n = len(indices)
-    if self._text:
-      tokens = self._tokenizer([self.prompts[i] for i in self.labels(indices)])
-      return {"tokens": np.asarray(tokens, np.int32)}, {"tokens": np.tile(self._null_tokens, (n, 1))}
     labels = self.labels(indices)
-    if labels is None:
-      return {}, {}
-    return {"label": labels}, {"label": np.full(n, self.num_classes, np.int32)}
+    batch, negative = {}, {}
+    if self._text:
+      batch["tokens"] = np.asarray(self._tokenizer([self.prompts[i] for i in labels]), np.int32)
+      negative["tokens"] = np.tile(self._null_tokens, (n, 1))
+    elif labels is not None:
+      batch["label"], negative["label"] = labels, np.full(n, self.num_classes, np.int32)
+    if self._condition is None:  # classifier guidance of an unconditional model: the labels guide
+      return batch, negative
+    for key in self._micro_keys:
+      batch[key] = np.tile(np.asarray(self._micro[key], np.float32), (n, 1))
+      negative[key] = np.tile(np.asarray(self._negative_micro[key], np.float32), (n, 1))
+    cond, null = (jax.tree.map(np.asarray, self._condition.from_batch(b)) for b in (batch, negative))
+    if self._text and self._zero_negative:
+      null["keep"]["text"] = np.zeros(n, np.float32)
+    return cond, null
 
   def device_args(self, params, seed: int, indices: np.ndarray) -> tuple:
     cond, null = self.conditions(indices)
     put = lambda tree: mesh_lib.host_to_mesh(tree, self._batch_sharding, process_local=False)
     return (self._diffusion, params, self._frozen, self._classifier_params,
             mesh_lib.host_to_mesh(np.uint32(seed), self._replicated, process_local=False),
-            put(np.asarray(indices, np.uint32)), put(cond), put(null))
+            put(np.asarray(indices, np.uint32)), put(cond), put(null), self._inits(indices, put))
+
+  def _inits(self, indices, put):
+    if not self.partial:
+      return None
+    if self._init is None:
+      raise ConfigError("sample.strength < 1 or sample.denoising_start > 0 starts from init images or latents: set "
+                        "--config.sample.init_images (or pass image= to the pipeline).")
+    return put(self._init[np.asarray(indices) % len(self._init)])
 
   def __call__(self, params, seed: int, indices: np.ndarray) -> jax.Array:
     return self.jitted(*self.device_args(params, seed, indices))
@@ -278,9 +357,30 @@ def latent_identity(exp: experiment_lib.Experiment, sample_fn: "SampleFn") -> di
   extra = {"first_stage": {**exp.first_stage.signature(), "fingerprint": params_fingerprint(frozen["autoencoder"])}}
   if "embedder" in frozen:
     extra["text_encoder_fingerprint"] = params_fingerprint(frozen["embedder"])
+  if "embedder_2" in frozen:
+    extra["text_encoder_2_fingerprint"] = params_fingerprint(frozen["embedder_2"])
   if sample_fn.prompts:
     extra["prompts"] = sample_fn.prompts
   return extra
+
+
+def read_init(path: str) -> np.ndarray:
+  """sample.init_images: an .npz whose arr_0 is uint8 images [N, H, W, C] (e.g. a sampling job's) or float latents
+  [N, h, w, c] (a job run with sample.denoising_end < 1)."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      init = f["arr_0"]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"sample.init_images={path} is not an .npz with arr_0 ({type(e).__name__}): give a sampling "
+                    "job's samples_*.npz or a handoff's latents.") from None
+  if init.dtype != np.uint8 and not np.issubdtype(init.dtype, np.floating):
+    raise UserError(f"sample.init_images={path}: arr_0 is {init.dtype}; give uint8 images or float latents.")
+  return init
+
+
+def file_fingerprint(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def job_name(identity: dict) -> str:
@@ -315,13 +415,13 @@ def _check_job_file(job_dir: str, identity: dict):
   os.replace(tmp, path)
 
 
-def _read_shard(path: str, num_samples: int, image_shape: tuple[int, ...]):
+def _read_shard(path: str, num_samples: int, image_shape: tuple[int, ...], dtype=np.uint8):
   """(indices, images, labels | None) of a shard, or None when it is damaged (then it is moved aside)."""
   try:
     with np.load(path, allow_pickle=False) as shard:
       indices, images = shard["indices"], shard["arr_0"]
       labels = shard["arr_1"] if "arr_1" in shard.files else None
-    if (indices.ndim != 1 or images.shape != (len(indices), *image_shape) or images.dtype != np.uint8
+    if (indices.ndim != 1 or images.shape != (len(indices), *image_shape) or images.dtype != dtype
         or (labels is not None and labels.shape != indices.shape)):
       raise ValueError(f"arrays of unexpected shapes: indices {indices.shape}, images {images.shape}")
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -335,25 +435,25 @@ def _read_shard(path: str, num_samples: int, image_shape: tuple[int, ...]):
   return indices[keep], images[keep], None if labels is None else labels[keep]
 
 
-def _finished_indices(shard_dir: str, num_samples: int, image_shape) -> np.ndarray:
+def _finished_indices(shard_dir: str, num_samples: int, image_shape, dtype=np.uint8) -> np.ndarray:
   """A [num_samples] mask of the indices already in readable shards, as process 0 sees them, on every process."""
   done = np.zeros(num_samples, bool)
   if jax.process_index() == 0:
     for path in glob.glob(os.path.join(shard_dir, f"{_PARTIAL_PREFIX}*")):
       os.remove(path)  # left by a killed writer; only process 0 writes here
     for path in sorted(glob.glob(os.path.join(shard_dir, SHARD_PATTERN))):
-      shard = _read_shard(path, num_samples, image_shape)
+      shard = _read_shard(path, num_samples, image_shape, dtype)
       if shard is not None:
         done[shard[0]] = True
   return np.asarray(multihost_utils.broadcast_one_to_all(done))
 
 
-def _assemble(shard_dir: str, num_samples: int, image_shape):
+def _assemble(shard_dir: str, num_samples: int, image_shape, dtype=np.uint8):
   """All finished shards as one array in global index order (each index once)."""
-  images = np.zeros((num_samples, *image_shape), np.uint8)
+  images = np.zeros((num_samples, *image_shape), dtype)
   labels = None
   for path in sorted(glob.glob(os.path.join(shard_dir, SHARD_PATTERN))):
-    shard = _read_shard(path, num_samples, image_shape)
+    shard = _read_shard(path, num_samples, image_shape, dtype)
     if shard is None:
       raise UserError(f"shard {path} became unreadable while the job ran: rerun the same command to redraw it.")
     indices, shard_images, shard_labels = shard
@@ -380,8 +480,14 @@ def run(config, workdir: str) -> dict:
     network, classifier_params, described = weights.load_classifier(exp)
     classifier = (network, classifier_params)
     classifier_identity = dict(described, fingerprint=params_fingerprint(classifier_params))
-  sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised, classifier=classifier)
-  extra = latent_identity(exp, sample_fn) if exp.first_stage is not None else None
+  # A run stopped early (a base's part of a handoff) writes its latents as arr_0, for a refiner's init_images.
+  handoff = s.denoising_end < 1
+  sample_fn = make_sample_fn(exp, clip_denoised=s.clip_denoised, classifier=classifier,
+                             output="latents" if handoff else "uint8")
+  extra = latent_identity(exp, sample_fn) if exp.first_stage is not None else {}
+  if sample_fn.partial:
+    sample_fn.set_init(read_init(s.init_images))
+    extra["init_images"] = file_fingerprint(s.init_images)
   identity = job_identity(config, step=step, fingerprint=params_fingerprint(params), classifier=classifier_identity,
                           extra=extra)
   job_dir = os.path.join(workdir, "samples", job_name(identity))
@@ -396,7 +502,8 @@ def run(config, workdir: str) -> dict:
   # Every process stops if process 0 found a problem, rather than wait for it in a collective.
   if multihost_utils.broadcast_one_to_all(np.int32(bool(problem))):
     raise UserError(problem or f"{job_dir}/job.json describes other settings: see process 0's error.")
-  todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples, exp.sample_shape))
+  shape, dtype = (exp.diffusion_shape, np.float32) if handoff else (exp.sample_shape, np.uint8)
+  todo = np.flatnonzero(~_finished_indices(shard_dir, s.num_samples, shape, dtype))
   global_batch = s.per_device_batch_size * jax.device_count()
   start_time = time.time()
   with progress_bar(total=s.num_samples, initial=s.num_samples - len(todo), desc="sampling", unit="img",
@@ -414,9 +521,10 @@ def run(config, workdir: str) -> dict:
   summary = {"step": step, "job": job_dir, "num_samples": s.num_samples, "sampled_now": len(todo),
              "seconds": seconds, "images_per_second": len(todo) / seconds if seconds else 0.0}
   if is_main:
-    images, labels = _assemble(shard_dir, s.num_samples, exp.sample_shape)
+    images, labels = _assemble(shard_dir, s.num_samples, shape, dtype)
     n, h, w, c = images.shape
-    summary["grid"] = save_grid(images[:256], os.path.join(job_dir, f"grid_{n}x{h}x{w}x{c}.png"))
+    if not handoff:
+      summary["grid"] = save_grid(images[:256], os.path.join(job_dir, f"grid_{n}x{h}x{w}x{c}.png"))
     summary["npz"] = save_npz(os.path.join(job_dir, f"samples_{n}x{h}x{w}x{c}.npz"),
                               **({"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}))
   # Other processes must not exit (and tear down the distributed runtime) while process 0 writes.

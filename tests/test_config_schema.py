@@ -35,13 +35,16 @@ def test_every_experiment_config_is_valid(name, variant):
   if name == "stable_diffusion":  # built from a weights folder: tests/test_sd_pipeline.py
     return
   config = module.get_config(variant)
+  if config.data.name == "image_folder" and not config.data.image_dir:  # so does a folder of images
+    config.data.image_dir = REPO
   if config.job == "latent_diffusion":  # a latent model's frozen weights exist only where it runs
     if not (config.latent.autoencoder_workdir or config.autoencoder.init_from):
       config.latent.autoencoder_workdir = REPO
-    if config.text_encoder.kind and not (config.text_encoder.trainable or config.text_encoder.init_from):
-      config.text_encoder.init_from = REPO
-    if not config.text_encoder.tokenizer and config.text_encoder.kind:
-      config.text_encoder.tokenizer = REPO
+    for te in (config.text_encoder, config.text_encoder_2):
+      if te.kind and not (te.trainable or te.init_from):
+        te.init_from = REPO
+      if not te.tokenizer and te.kind:
+        te.tokenizer = REPO
   config_schema.validate(config)
 
 

@@ -20,6 +20,9 @@ DIGITS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight'
 MAX_LENGTH = 6
 
 
+# SDXL's micro-conditions every batch records (tests/test_data_buckets.py checks their values)
+MICRO = ('original_size', 'crops_coords_top_left', 'target_size')
+
 def tokenize(texts):
   """A stand-in for the CLIP tokenizer: word ids from a stable hash, 0-padded (and cut) to MAX_LENGTH."""
   ids = [[zlib.crc32(w.encode()) % 997 + 1 for w in t.split()][:MAX_LENGTH] for t in texts]
@@ -113,7 +116,7 @@ def test_label_captions_on_bundled_mnist(data_dir):
   captioned = _take(_mnist(data_dir, random_flip=True), 2)
   table = tokenize([f'a handwritten {d}' for d in DIGITS])
   for a, b in zip(plain, captioned):
-    assert set(a) == {'image', 'label'} and set(b) == {'image', 'label', 'tokens'}
+    assert set(a) == {'image', 'label', *MICRO} and set(b) == {'image', 'label', 'tokens', *MICRO}
     np.testing.assert_array_equal(a['image'], b['image'])  # captions change nothing else
     np.testing.assert_array_equal(a['label'], b['label'])
     assert b['tokens'].dtype == np.int32
@@ -215,7 +218,7 @@ def test_resume_at_a_later_step_gives_the_same_tokens(data_dir, tmp_path):
   folder_full = _take(_folder_batches(tmp_path, random_flip=True), 6)
   folder_resumed = _take(_folder_batches(tmp_path, random_flip=True, start_step=2), 4)
   for a, b in itertools.chain(zip(full[76:], resumed), zip(folder_full[2:], folder_resumed)):
-    assert set(a) == set(b) == {'image', 'label', 'tokens'}
+    assert set(a) == set(b) == {'image', 'label', 'tokens', *MICRO}
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   assert not np.array_equal(folder_full[0]['tokens'], folder_full[3]['tokens'])  # reshuffled per epoch

@@ -128,7 +128,7 @@ def test_ddim_inversion_round_trip():
   denoise = lambda x, t: jnp.sin(t / 300.0)[:, None, None, None] + 0.0 * x
   x_T = jax.jit(lambda x: ddim_invert(d, denoise, x))(x0)
   back = jax.jit(lambda x: ddim_sample(d, denoise, jax.random.split(jax.random.key(0), 2), x.shape[1:],
-                                       clip_denoised=False, x_T=x))(x_T)
+                                       clip_denoised=False, x_init=x))(x_T)
   np.testing.assert_allclose(back, x0, atol=1e-4)
 
 
@@ -144,7 +144,7 @@ def test_ddim_inversion_error_is_first_order_in_the_step():
     d = GaussianDiffusion.from_betas(schedules.respace_betas(schedules.get_betas("linear", 1000), kept),
                                      timestep_map=kept)
     back = jax.jit(lambda x: ddim_sample(d, denoise, jax.random.split(jax.random.key(0), 2), x.shape[1:],
-                                         clip_denoised=False, x_T=ddim_invert(d, denoise, x)))(x0)
+                                         clip_denoised=False, x_init=ddim_invert(d, denoise, x)))(x0)
     errors.append(float(jnp.max(jnp.abs(back - x0))))
   assert errors[0] / errors[1] > 3.5 and errors[1] / errors[2] > 3.5, errors  # 5x fewer steps: 4.0x, 4.9x
 

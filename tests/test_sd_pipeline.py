@@ -136,7 +136,7 @@ def test_a_single_file_checkpoint_is_the_same_pipeline(sd_folder, tmp_path):
 
 
 @pytest.mark.parametrize("part,change,message", [
-    ("text_encoder", dict(hidden_size=48, intermediate_size=192), "text encoder's width is 48"),
+    ("text_encoder", dict(hidden_size=48, intermediate_size=192), "width is 48 and the UNet"),
     ("vae", dict(latent_channels=3), "latents have 3 channels and the UNet takes 4"),
 ])
 def test_parts_that_do_not_fit_stop_in_one_line(sd_folder, tmp_path, part, change, message):

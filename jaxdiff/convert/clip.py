@@ -2,12 +2,17 @@
 
   section, params = load_text_encoder('sd-v1-5/text_encoder')          # transformers CLIPTextModel[WithProjection]
   section, params = load_text_encoder('v2-1_768-ema-pruned.safetensors', config.text_encoder)  # its cond_stage_model
+  section, params = load_text_encoder('sd_xl_base_1.0.safetensors', index=1)  # SDXL's second encoder (OpenCLIP bigG)
 
 A transformers folder's config.json fixes the network. A single-file Stable Diffusion checkpoint is read by its
 tensor shapes: SD 1.x holds OpenAI's CLIP ViT-L/14 text tower in transformers' names
 (cond_stage_model.transformer.text_model.*, quick GELU); SD 2.x holds OpenCLIP ViT-H/14's (cond_stage_model.model.*,
 exact GELU), whose last block and text projection SD 2.x never uses: they are left out, and the UNet attends to the
 final LayerNorm of the block before (what diffusers' single-file loader builds: a 23-layer CLIPTextModel).
+SGM (SDXL) checkpoints number their encoders, conditioner.embedders.{i}.transformer.text_model.* (CLIP ViT-L/14) and
+conditioner.embedders.{i}.model.* (OpenCLIP ViT-bigG/14): the base holds both (index 0 and 1), the refiner bigG alone
+(index 0). SDXL reads the penultimate output of each and the projected pooled output of bigG, so every block and the
+projection are kept.
 """
 
 import json
@@ -20,11 +25,17 @@ import numpy as np
 from jaxdiff.convert import autoencoder, common
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models import clip
+from jaxdiff.models.tokenizer import EOS
 
 WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
 ARCHITECTURES = ('CLIPTextModel', 'CLIPTextModelWithProjection')
 # The prefixes of a text encoder inside a Stable Diffusion checkpoint -> the naming of the keys under it.
 PREFIXES = {'cond_stage_model.transformer.': 'transformers', 'cond_stage_model.model.': 'openclip'}
+# SGM's numbered conditioners (SDXL): a text encoder in either naming, or one with no weights (micro-conditioning).
+SGM_PREFIX = re.compile(r'conditioner\.embedders\.(\d+)\.(?:transformer|model)\.')
+# The tensor that marks a text encoder under a prefix (transformers' names with and without `text_model.`, OpenCLIP's).
+TOKEN_EMBEDDINGS = ('text_model.embeddings.token_embedding.weight', 'embeddings.token_embedding.weight',
+                    'token_embedding.weight')
 # jaxdiff module -> torch module, per naming ({i}: the layer).
 NAMINGS = {
     'transformers': dict(
@@ -52,19 +63,47 @@ def naming_of(state: dict, what: str = 'checkpoint') -> str:
     return 'openclip'
   raise CheckpointError(f'{what} holds no CLIP text encoder: it has neither embeddings.token_embedding.weight '
                         '(transformers) nor token_embedding.weight (OpenCLIP), bare or under cond_stage_model.'
-                        'transformer.[text_model.] / cond_stage_model.model.')
+                        'transformer.[text_model.] / cond_stage_model.model. / conditioner.embedders.N.')
 
 
-def text_encoder_state(state: dict, what: str = 'checkpoint') -> dict:
-  """The text encoder's tensors of a state dict, without a Stable Diffusion prefix or transformers' `text_model.`
-  (the text_projection of CLIPTextModelWithProjection sits beside it), and without buffers."""
-  for prefix in PREFIXES:
-    if any(k.startswith(prefix) for k in state):
-      state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-      break
-  state = {k.removeprefix('text_model.'): v for k, v in state.items() if not _NOT_WEIGHTS.search(k)}
+def _prefixes(state: dict) -> list[str]:
+  """The prefixes of the text encoders of a state dict in the file's order ('' for a bare one)."""
+  sgm = {m.group(0): int(m.group(1)) for m in map(SGM_PREFIX.match, state) if m}
+  candidates = [*PREFIXES, *sorted(sgm, key=sgm.get)]
+  found = [p for p in candidates if any(p + name in state for name in TOKEN_EMBEDDINGS)]
+  if not found and any(name in state for name in TOKEN_EMBEDDINGS):
+    found = ['']
+  return found
+
+
+def text_encoder_count(state: dict) -> int:
+  """How many CLIP text encoders a state dict holds: 1 for SD 1.x/2.x, a transformers or bare OpenCLIP one; 2 for an
+  SDXL base (CLIP ViT-L/14, OpenCLIP bigG); 1 for the SDXL refiner (bigG); 0 for none."""
+  return len(_prefixes(state))
+
+
+def _select(state: dict, what: str, index: int) -> tuple[str, dict]:
+  """(prefix, the tensors under it without the prefix, transformers' `text_model.` or buffers) of text encoder
+  `index`."""
+  prefixes = _prefixes(state)
+  if not prefixes:
+    naming_of({}, what)  # raises: no text encoder
+  if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(prefixes):
+    held = ', '.join(f'{i}: {p or "bare"}' for i, p in enumerate(prefixes))
+    raise CheckpointError(f'{what} holds {len(prefixes)} CLIP text encoder(s) ({held}): index={index!r} is not one '
+                          f'of them; use {" or ".join(map(str, range(len(prefixes))))}.')
+  prefix = prefixes[index]
+  state = {k[len(prefix):].removeprefix('text_model.'): v for k, v in state.items()
+           if k.startswith(prefix) and not _NOT_WEIGHTS.search(k)}
   naming_of(state, what)
-  return state
+  return prefix, state
+
+
+def text_encoder_state(state: dict, what: str = 'checkpoint', index: int = 0) -> dict:
+  """The tensors of the file's text encoder `index` (see text_encoder_count), without a Stable Diffusion prefix or
+  transformers' `text_model.` (the text_projection of CLIPTextModelWithProjection sits beside it), and without
+  buffers."""
+  return _select(state, what, index)[1]
 
 
 def _count(state: dict, naming: str) -> int:
@@ -73,18 +112,26 @@ def _count(state: dict, naming: str) -> int:
   return next(n for n in range(10_000) if f'{layer.format(i=n)}.{norm}.weight' not in state)
 
 
-def convert_state_dict(state_dict: dict, module: clip.CLIPTextTransformer, *, what: str = 'checkpoint') -> dict:
-  """The params of `module` from a CLIP text encoder state dict in transformers' or OpenCLIP's names (bare, or inside
-  a Stable Diffusion checkpoint), every key and shape checked.
+def convert_state_dict(state_dict: dict, module: clip.CLIPTextTransformer, *, what: str = 'checkpoint',
+                       index: int = 0) -> dict:
+  """The params of `module` from a CLIP text encoder state dict in transformers' or OpenCLIP's names (bare, or the
+  file's text encoder `index` inside a Stable Diffusion checkpoint), every key and shape checked.
 
-  An OpenCLIP tower with one block more than the module (SD 2.x) loses that block, and its text_projection when the
-  module has none; nothing else is left out.
+  An OpenCLIP tower with one block more than a module without projection (SD 2.x) loses that block, and its
+  text_projection when the module has none; nothing else is left out. A module with a projection keeps every block:
+  the projected pooled output is computed after the last one.
   """
-  state = text_encoder_state(state_dict, what)
+  state = text_encoder_state(state_dict, what, index)
   naming = naming_of(state)
   names = NAMINGS[naming]
   if naming == 'openclip':
-    if _count(state, naming) == module.num_layers + 1:
+    blocks = _count(state, naming)
+    if blocks == module.num_layers + 1:
+      if module.projection_dim:
+        raise CheckpointError(f'The OpenCLIP text encoder of {what} has {blocks} blocks, the config {blocks - 1} '
+                              f'with projection_dim={module.projection_dim}: the projected pooled output needs every '
+                              f'block; set text_encoder.num_layers={blocks} (or projection_dim=0 to drop the last '
+                              'block, as SD 2.x does).')
       extra = names['layer'].format(i=module.num_layers) + '.'
       state = {k: v for k, v in state.items() if not k.startswith(extra)}
     if not module.projection_dim:
@@ -107,33 +154,42 @@ def convert_state_dict(state_dict: dict, module: clip.CLIPTextTransformer, *, wh
   return common.fill_params(state, clip.text_encoder_shapes(module), sources, what=what)
 
 
-def section_from_state_dict(state_dict: dict, what: str = 'checkpoint') -> dict:
-  """The text_encoder section keys the tensor shapes (and the naming) of a CLIP text encoder state dict fix.
+def section_from_state_dict(state_dict: dict, what: str = 'checkpoint', index: int = 0) -> dict:
+  """The text_encoder section keys the tensor shapes (and the naming) of the file's CLIP text encoder `index` fix
+  (see text_encoder_count: SD 1.x/2.x and the SDXL refiner hold one, the SDXL base two).
 
-  heads = width // 64 as in every CLIP text tower; transformers' names mean OpenAI CLIP (quick GELU), OpenCLIP's mean
-  exact GELU and, as in SD 2.x, all blocks but the last with no projection (see convert_state_dict); eos is the last
-  token of the vocabulary (CLIP's layout).
+  heads = width // 64 as in every CLIP text tower; transformers' names mean OpenAI CLIP (quick GELU), OpenCLIP's
+  exact GELU; eos is the last token of the vocabulary (CLIP's layout). SD 2.x's OpenCLIP tower keeps all blocks but
+  the last and no projection (see convert_state_dict). SGM (SDXL) encoders keep every block and OpenCLIP's projection,
+  and add the keys SDXL reads them with: output='penultimate' and the pad token SGM tokenized with (OpenCLIP's "!",
+  transformers' eos).
   """
-  state = text_encoder_state(state_dict, what)
+  prefix, state = _select(state_dict, what, index)
   naming = naming_of(state)
   names = NAMINGS[naming]
+  sgm = SGM_PREFIX.fullmatch(prefix) is not None
   vocab, width = state[names['token_embedding'] + '.weight'].shape
   if width % HEAD_CHANNELS:
     raise CheckpointError(f'The CLIP text encoder of {what} is {width} wide, not a multiple of {HEAD_CHANNELS}: its '
                           'number of heads cannot be inferred; load it from a transformers folder (config.json).')
-  layers = _count(state, naming)
+  blocks = layers = _count(state, naming)
   projection = 0
-  if naming == 'openclip':
+  if naming == 'transformers':
+    projection = state['text_projection.weight'].shape[0] if 'text_projection.weight' in state else 0
+  elif sgm:
+    projection = state['text_projection'].shape[1] if 'text_projection' in state else 0
+  else:
     layers -= 1
-  elif 'text_projection.weight' in state:
-    projection = state['text_projection.weight'].shape[0]
   if layers < 1:
-    raise CheckpointError(f'The CLIP text encoder of {what} has {layers + (naming == "openclip")} transformer '
-                          'block(s): too few to convert (OpenCLIP towers lose their last block, as SD 2.x does).')
-  return dict(kind='clip', vocab_size=vocab, width=width, num_layers=layers, num_heads=width // HEAD_CHANNELS,
-              max_length=state[names['position_embedding']].shape[0],
-              activation='quick_gelu' if naming == 'transformers' else 'gelu', projection_dim=projection,
-              eos_token_id=vocab - 1)
+    raise CheckpointError(f'The CLIP text encoder of {what} has {blocks} transformer block(s): too few to convert '
+                          '(SD 2.x\'s OpenCLIP towers lose their last block).')
+  section = dict(kind='clip', vocab_size=vocab, width=width, num_layers=layers, num_heads=width // HEAD_CHANNELS,
+                 max_length=state[names['position_embedding']].shape[0],
+                 activation='quick_gelu' if naming == 'transformers' else 'gelu', projection_dim=projection,
+                 eos_token_id=vocab - 1)
+  if sgm:  # SDXL's context is every encoder's penultimate output; SGM padded OpenCLIP's tokens with "!" (id 0)
+    section.update(output='penultimate', pad_token='!' if naming == 'openclip' else EOS)
+  return section
 
 
 def _read_config(folder: str) -> dict:
@@ -176,7 +232,8 @@ def folder_section(cfg: dict, folder: str) -> dict:
 
 def merge(found: dict, section, path: str) -> ml_collections.ConfigDict:
   """`section` (a config.text_encoder section, or None) completed with what the checkpoint fixes; the structural keys
-  both give must agree."""
+  both give must agree. What the checkpoint only suggests (an SGM encoder's output and pad_token) yields to the
+  section's."""
   given = {} if section is None else (section.to_dict() if isinstance(section, ml_collections.ConfigDict)
                                       else dict(section))
   diffs = [f'text_encoder.{key}: {found[key]!r} in {path}, {given[key]!r} in the config' for key in clip.STRUCTURE
@@ -184,14 +241,19 @@ def merge(found: dict, section, path: str) -> ml_collections.ConfigDict:
   if diffs:
     raise CheckpointError(f'The config does not describe the text encoder ({"; ".join(diffs[:3])}'
                           f'{"; ..." if len(diffs) > 3 else ""}): fix those config keys.')
-  return ml_collections.ConfigDict({**clip.SECTION_DEFAULTS, **given, **found})
+  fixed = {k: v for k, v in found.items() if k in clip.STRUCTURE or k == 'kind'}
+  return ml_collections.ConfigDict({**clip.SECTION_DEFAULTS, **found, **given, **fixed})
 
 
-def load_text_encoder(path: str, section=None) -> tuple[ml_collections.ConfigDict, dict]:
+def load_text_encoder(path: str, section=None, index: int = 0) -> tuple[ml_collections.ConfigDict, dict]:
   """(the config.text_encoder section, params) of a transformers CLIPTextModel[WithProjection] folder, or of the
-  text encoder in a Stable Diffusion checkpoint (.ckpt/.safetensors), every key and shape checked; `section`'s
-  structural keys must agree with it, its other keys (output, tokenizer, ...) are kept."""
+  text encoder `index` in a Stable Diffusion checkpoint (.ckpt/.safetensors; SDXL base: 0 = CLIP ViT-L/14, 1 =
+  OpenCLIP bigG), every key and shape checked; `section`'s structural keys must agree with it, its other keys
+  (output, tokenizer, ...) are kept. A folder holds one encoder (index 0; SDXL's second is its text_encoder_2/)."""
   if os.path.isdir(path):
+    if index != 0:
+      raise CheckpointError(f'{path} is a transformers folder holding one text encoder: index={index!r} picks one of '
+                            "a single-file checkpoint's; use index=0 (a diffusers SDXL's second is text_encoder_2/).")
     found = folder_section(_read_config(path), path)
     weights = next((os.path.join(path, n) for n in WEIGHTS if os.path.isfile(os.path.join(path, n))), None)
     if weights is None:
@@ -200,6 +262,6 @@ def load_text_encoder(path: str, section=None) -> tuple[ml_collections.ConfigDic
     state = common.read_state_dict(weights)
   else:
     state = autoencoder.read_weights(path)  # also reads a Lightning .ckpt's state_dict
-    found = section_from_state_dict(state, path)
+    found = section_from_state_dict(state, path, index)
   merged = merge(found, section, path)
-  return merged, convert_state_dict(state, clip.create_text_encoder(merged), what=path)
+  return merged, convert_state_dict(state, clip.create_text_encoder(merged), what=path, index=index)

@@ -51,8 +51,9 @@ def sampling_from_scheduler_config(cfg: dict, *, sampler: str | None = None,
   """(diffusion overrides, sample overrides) reproducing a diffusers scheduler config (see the module docstring).
 
   diffusion: num_timesteps, schedule (+ beta_start/beta_end for the linear ones), mean_type, and var_type where the
-  config names a variance_type. sample: steps_offset, set_alpha_to_one, clip_denoised, and with a sampler (given, or
-  the config class's) `sampler`; with `steps` too, timestep_respacing (`respacing_for`).
+  config names a variance_type (for ancestral also where it does not: DDPMScheduler's 'fixed_small'). sample:
+  steps_offset, set_alpha_to_one, clip_denoised, and with a sampler (given, or the config class's) `sampler`; with
+  `steps` too, timestep_respacing (`respacing_for`).
   """
   name = cfg.get('_class_name', 'the scheduler')
   if cfg.get('_class_name') is not None and name not in DDPM_CLASSES:
@@ -72,6 +73,8 @@ def sampling_from_scheduler_config(cfg: dict, *, sampler: str | None = None,
     raise ConfigError(f'Unknown sampler {sampler!r}: use one of {", ".join(DEFAULT_SPACING)}.')
   _check_sampler_options(cfg, name, sampler)
   sample['sampler'] = sampler
+  if sampler == 'ancestral':  # the variance DDPMScheduler.from_config(cfg) samples with (SD/SDXL configs name none)
+    diffusion.setdefault('var_type', 'fixed_small')
   # DPMSolverMultistepScheduler has no clip_sample; thresholding, its only clipping, is refused above.
   sample['clip_denoised'] = bool(cfg.get('clip_sample', True)) if DEFAULT_CLIP[sampler] else False
   if steps is not None:

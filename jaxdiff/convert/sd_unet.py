@@ -1,12 +1,18 @@
-"""Stable Diffusion 1.x/2.x UNets (and LDM's cross-attending ones) from PyTorch -> a `config.model` section and params.
+"""Stable Diffusion 1.x/2.x and SDXL UNets (and LDM's cross-attending ones) from PyTorch -> a `config.model` section
+and params.
 
   section, shape = folder_section('sd15/unet')            # diffusers UNet2DConditionModel: config.json fixes it
   section, shape, params = load_diffusers('sd15/unet')
   section, shape = section_from_ldm_state_dict(state)      # a CompVis/Stability checkpoint: read from its shapes
   params = load_unet('v1-5-pruned-emaonly.safetensors', config.model, image_size=64)
 
-`shape` is dict(image_size, in_channels, out_channels) of the UNet's input grid (latents). Sections hold the keys
-that fix the network, not dtype, remat or dropout (a run's choices).
+`shape` is dict(image_size, in_channels, out_channels) of the UNet's input grid (latents), and for an SDXL UNet (a
+vector condition: model.adm_in_channels > 0) also micro_embed_dim, the width of each micro-conditioning sinusoid
+(latent.micro_embed_dim; diffusers' addition_time_embed_dim). Sections hold the keys that fix the network, not dtype,
+remat or dropout (a run's choices).
+
+SDXL's vector condition is embedded by diffusers' add_embedding.linear_1/2 (addition_embed_type='text_time'), SGM's
+label_emb.0.0/label_emb.0.2: both become the UNet's vector_emb/linear_1/2.
 
 diffusers' UNet2DConditionModel names its head COUNT `attention_head_dim` (a naming slip it keeps for the configs
 already published, diffusers issue 2011): SD 1.x's 8 is 8 heads per level (of 40, 80, 160 channels), SD 2.x's
@@ -15,11 +21,14 @@ already published, diffusers issue 2011): SD 1.x's 8 is 8 heads per level (of 40
 A single file's UNet (`model.diffusion_model.*`: input_blocks, middle_block, output_blocks, time_embed, out) is
 LDM's openaimodel layout, guided-diffusion's with SpatialTransformers, whose insides carry the same names as
 diffusers' (transformer_blocks.{j}.attn1.to_q, ff.net.0.proj, ...). Channels, levels, blocks, attention levels,
-transformer depths, context width, projection type, classes and channels are read from tensor shapes. Two things no
-tensor tells, and the rule used (pass a model section, or image_size, where it does not hold):
+transformer depths (per level: SDXL's differ), context width, projection type, vector width, classes and channels
+are read from tensor shapes. What no tensor tells, and the rule used (pass a model section, or image_size, where it
+does not hold):
   heads:      1x1-conv projections (SD 1.x, LDM's text/class models) -> 8 heads per level;
               linear projections (SD 2.x; SDXL) -> 64 channels per head.
-  image_size: context width 1024 (OpenCLIP ViT-H: SD 2.x) -> 96 latents (the 768px v-models); else 64 (512px).
+  image_size: a vector condition (SDXL base and refiner) -> 128 latents (1024px); context width 1024 (OpenCLIP ViT-H:
+              SD 2.x) -> 96 latents (the 768px v-models); else 64 (512px).
+  micro_embed_dim (with a vector condition): 256, both SDXL releases' (SGM's ConcatTimestepEmbedderND outdim).
 """
 
 import dataclasses
@@ -40,14 +49,19 @@ BLOCK = {'norm1': 'norm1', 'norm2': 'norm2', 'norm3': 'norm3', 'ff/proj_in': 'ff
             for ours, theirs in (('q', 'to_q'), ('k', 'to_k'), ('v', 'to_v'), ('out', 'to_out.0'))}}
 NAMINGS = {'diffusers': (diffusers.module_prefixes, diffusers.RES),
            'ldm': (guided_diffusion.module_prefixes, guided_diffusion.RES)}
+# The vector condition's MLP (SDXL): jaxdiff module -> torch module, per naming.
+VECTOR_PREFIXES = {'diffusers': {'vector_emb/linear_1': 'add_embedding.linear_1',
+                                 'vector_emb/linear_2': 'add_embedding.linear_2'},
+                   'ldm': {'vector_emb/linear_1': 'label_emb.0.0', 'vector_emb/linear_2': 'label_emb.0.2'}}
+SDXL_MICRO_EMBED_DIM = 256  # what no SGM tensor tells: both SDXL releases' micro-conditioning sinusoid width
 # UNet2DConditionModel options the jaxdiff UNet expresses only at these values: key -> allowed values, default first.
 # (upcast_attention is accepted: jaxdiff's attention logits are float32 whatever the compute dtype.)
 SUPPORTED = dict(
     center_input_sample=(False,), time_embedding_type=('positional',), time_embedding_dim=(None,),
     time_embedding_act_fn=(None,), timestep_post_act=(None,), time_cond_proj_dim=(None,), act_fn=('silu',),
-    class_embed_type=(None,), addition_embed_type=(None,), addition_time_embed_dim=(None,),
-    projection_class_embeddings_input_dim=(None,), class_embeddings_concat=(False,), encoder_hid_dim=(None,),
-    encoder_hid_dim_type=(None,), dual_cross_attention=(False,), mid_block_type=('UNetMidBlock2DCrossAttn',),
+    class_embed_type=(None,), addition_embed_type=(None, 'text_time'), class_embeddings_concat=(False,),
+    encoder_hid_dim=(None,), encoder_hid_dim_type=(None,), dual_cross_attention=(False,),
+    mid_block_type=('UNetMidBlock2DCrossAttn',),
     mid_block_only_cross_attention=(None, False), resnet_time_scale_shift=('default',), resnet_skip_time_act=(False,),
     resnet_out_scale_factor=(1.0,), conv_in_kernel=(3,), conv_out_kernel=(3,), attention_type=('default',),
     cross_attention_norm=(None,), reverse_transformer_layers_per_block=(None,))
@@ -77,7 +91,8 @@ def _per_level(value, levels: int, key: str, what: str) -> tuple:
 
 
 def model_section(cfg: dict, what: str = 'config.json') -> tuple[ml_collections.ConfigDict, dict]:
-  """The `model` keys of a UNet2DConditionModel config.json dict, and its image_size/in_channels/out_channels."""
+  """The `model` keys of a UNet2DConditionModel config.json dict, and its image_size/in_channels/out_channels (and
+  micro_embed_dim with a text_time addition embedding: SDXL)."""
   if cfg.get('_class_name', 'UNet2DConditionModel') != 'UNet2DConditionModel':
     raise CheckpointError(f'{what} holds a diffusers {cfg["_class_name"]}; this converter reads UNet2DConditionModel '
                           '(a UNet2DModel is read by jaxdiff.convert.load_diffusers).')
@@ -123,20 +138,42 @@ def model_section(cfg: dict, what: str = 'config.json') -> tuple[ml_collections.
   depths = _per_level(cfg.get('transformer_layers_per_block', 1), levels, 'transformer_layers_per_block', what)
   num_res = _per_level(cfg.get('layers_per_block', 2), levels, 'layers_per_block', what)
   classes = cfg.get('num_class_embeds')
+  adm, micro = _addition_embedding(cfg, what)
   section = dict(
       base_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
       num_res_blocks=num_res[0] if len(set(num_res)) == 1 else num_res,
       attention_resolutions=tuple(size // 2 ** level for level in range(levels) if attends[level]),
-      transformer_depth=depths[0] if len(set(depths)) == 1 else depths, context_dim=context.pop() or 0,
-      use_linear_projection=bool(cfg.get('use_linear_projection', False)),
+      transformer_depth=_depth_field(depths, attends), context_dim=context.pop() or 0,
+      use_linear_projection=bool(cfg.get('use_linear_projection', False)), adm_in_channels=adm,
       **_heads_section(heads, widths, attends), legacy_qkv_order=False, use_scale_shift_norm=False,
       resblock_updown=False, norm_groups=cfg.get('norm_num_groups', 32), norm_eps=float(cfg.get('norm_eps', 1e-5)),
       conv_resample=True, downsample_padding='symmetric' if padding == 1 else 'asymmetric',
       flip_sin_to_cos=bool(cfg.get('flip_sin_to_cos', True)), freq_shift=cfg.get('freq_shift', 0),
       mid_block_scale_factor=float(cfg.get('mid_block_scale_factor', 1)), patch_size=1,
       class_conditional=classes is not None, num_classes=classes or 0)
-  return ml_collections.ConfigDict(section), dict(image_size=size, in_channels=cfg.get('in_channels', 4),
-                                                  out_channels=cfg.get('out_channels', 4))
+  shape = dict(image_size=size, in_channels=cfg.get('in_channels', 4), out_channels=cfg.get('out_channels', 4))
+  return ml_collections.ConfigDict(section), dict(shape, micro_embed_dim=micro) if adm else shape
+
+
+def _addition_embedding(cfg: dict, what: str) -> tuple[int, int]:
+  """(adm_in_channels, micro_embed_dim) of diffusers' text_time addition embedding (SDXL), or (0, 0) without one."""
+  if cfg.get('addition_embed_type') != 'text_time':
+    return 0, 0
+  adm, micro = cfg.get('projection_class_embeddings_input_dim'), cfg.get('addition_time_embed_dim')
+  for key, value in (('projection_class_embeddings_input_dim', adm), ('addition_time_embed_dim', micro)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise CheckpointError(f"UNet2DConditionModel addition_embed_type='text_time' in {what} needs a positive {key}, "
+                            f'not {value!r}: the config.json is incomplete.')
+  return adm, micro
+
+
+def _depth_field(depths, attends) -> int | tuple:
+  """transformer_depth of per-level depths: 0 where a level does not attend (except the last, whose depth the
+  middle block takes), and one int where the remaining depths agree (SD 1.x/2.x, the SDXL refiner)."""
+  last = len(depths) - 1
+  depths = tuple(d if attends[level] or level == last else 0 for level, d in enumerate(depths))
+  used = {d for d in depths if d}
+  return used.pop() if len(used) == 1 else depths
 
 
 def _heads_section(heads: tuple, widths: list, attends: list) -> dict:
@@ -152,7 +189,8 @@ def _heads_section(heads: tuple, widths: list, attends: list) -> dict:
 
 
 def folder_section(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
-  """(the model keys, dict(image_size, in_channels, out_channels)) of a UNet2DConditionModel folder."""
+  """(the model keys, dict(image_size, in_channels, out_channels[, micro_embed_dim])) of a UNet2DConditionModel
+  folder."""
   return model_section(diffusers.read_config(folder), folder)
 
 
@@ -178,12 +216,14 @@ def _count(state: dict, prefix: str) -> int:
 
 def section_from_ldm_state_dict(state_dict: dict, *, image_size: int | None = None,
                                 what: str = 'checkpoint') -> tuple[ml_collections.ConfigDict, dict]:
-  """(the model keys, dict(image_size, in_channels, out_channels)) of an LDM/SD checkpoint's UNet, read from its
-  tensor shapes; heads and (without `image_size`) the latent size by the rules of the module docstring."""
+  """(the model keys, dict(image_size, in_channels, out_channels[, micro_embed_dim])) of an LDM/SD/SGM checkpoint's
+  UNet, read from its tensor shapes; heads, micro_embed_dim and (without `image_size`) the latent size by the rules
+  of the module docstring."""
   state = unet_state(state_dict, what)
-  if 'label_emb.0.0.weight' in state:
-    raise CheckpointError(f'{what} is an SDXL-style UNet (label_emb.0.0: a vector condition), which the jaxdiff UNet '
-                          'does not express yet.')
+  vector = state.get('label_emb.0.0.weight')  # SGM's vector condition (SDXL), Linear(adm_in_channels, 4 x base)
+  if vector is not None and 'label_emb.0.2.weight' not in state:
+    raise CheckpointError(f'{what} has label_emb.0.0 but no label_emb.0.2: not SGM\'s vector-condition MLP (Linear, '
+                          'SiLU, Linear), which the jaxdiff UNet expresses.')
   levels, k = [[]], 1  # the input_blocks index of each level's ResBlocks
   while True:
     if f'input_blocks.{k}.0.in_layers.0.weight' in state:
@@ -211,14 +251,14 @@ def section_from_ldm_state_dict(state_dict: dict, *, image_size: int | None = No
     raise CheckpointError(f'{what}: the last level\'s transformers have {depths[-1]} blocks and the middle one '
                           f'{mid_depth}; the jaxdiff UNet gives the middle block the last level\'s depth.')
   attends = [d > 0 for d in depths]
-  depths = [d or mid_depth for d in depths]  # a level without attention: any depth; the last one is the middle's
+  depths[-1] = mid_depth  # the middle block takes the last level's depth
   transformer = next((f'input_blocks.{blocks[0]}.1' for blocks, a in zip(levels, attends) if a), 'middle_block.1')
   proj_in = state[f'{transformer}.proj_in.weight']
   linear = proj_in.ndim == 2
   cross = state.get(f'{transformer}.transformer_blocks.0.attn2.to_k.weight')
   context_dim = 0 if cross is None else int(cross.shape[1])
   if image_size is None:
-    image_size = 96 if context_dim == 1024 else 64
+    image_size = 128 if vector is not None else 96 if context_dim == 1024 else 64
   emb = state[f'input_blocks.{levels[0][0]}.0.emb_layers.1.weight']
   num_res = [len(blocks) for blocks in levels]
   labels = state.get('label_emb.weight')
@@ -226,11 +266,14 @@ def section_from_ldm_state_dict(state_dict: dict, *, image_size: int | None = No
       base_channels=base, channel_mult=tuple(w // base for w in widths),
       num_res_blocks=num_res[0] if len(set(num_res)) == 1 else tuple(num_res),
       attention_resolutions=tuple(image_size // 2 ** level for level in range(len(levels)) if attends[level]),
-      transformer_depth=depths[0] if len(set(depths)) == 1 else tuple(depths), context_dim=context_dim,
-      use_linear_projection=bool(linear), **LDM_HEADS[linear], use_scale_shift_norm=emb.shape[0] == 2 * widths[0],
+      transformer_depth=_depth_field(depths, attends), context_dim=context_dim,
+      adm_in_channels=0 if vector is None else int(vector.shape[1]), use_linear_projection=bool(linear),
+      **LDM_HEADS[linear], use_scale_shift_norm=emb.shape[0] == 2 * widths[0],
       **LDM_LAYOUT, class_conditional=labels is not None, num_classes=0 if labels is None else int(labels.shape[0]))
   shape = dict(image_size=image_size, in_channels=int(state['input_blocks.0.0.weight'].shape[1]),
                out_channels=int(state['out.2.weight'].shape[0]))
+  if vector is not None:
+    shape['micro_embed_dim'] = SDXL_MICRO_EMBED_DIM
   return ml_collections.ConfigDict(section), shape
 
 
@@ -260,18 +303,24 @@ def torch_keys(prefixes: dict[str, str], res: dict[str, str], root: str = ''):
   return sources
 
 
+def sources(model: UNet, naming: str, root: str = ''):
+  """`fill_params`' sources of `model`'s params in a state dict in `naming` ('diffusers' or 'ldm'), under `root`."""
+  prefixes, res = NAMINGS[naming]
+  return torch_keys({**prefixes(model), **VECTOR_PREFIXES[naming]}, res, root)
+
+
 def convert(state: dict, model: UNet, *, naming: str, image_size: int, in_channels: int, what: str = 'checkpoint'):
   """The jaxdiff params of `model` from a UNet state dict in `naming` ('diffusers', or 'ldm': a whole SD checkpoint
   or a bare UNet), every key and shape checked; errors name the keys as the file does."""
-  prefixes, res = NAMINGS[naming]
   root = _prefix(state) if naming == 'ldm' else ''
   state = {k: v for k, v in state.items() if k.startswith(root)}  # the UNet's of a whole checkpoint
   shapes = param_shapes(model, image_size, in_channels, model.num_classes)
-  return common.fill_params(state, shapes, torch_keys(prefixes(model), res, root), what=what)
+  return common.fill_params(state, shapes, sources(model, naming, root), what=what)
 
 
 def load_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
-  """(model keys, dict(image_size, in_channels, out_channels), params) of a UNet2DConditionModel folder."""
+  """(model keys, dict(image_size, in_channels, out_channels[, micro_embed_dim]), params) of a UNet2DConditionModel
+  folder."""
   section, shape = folder_section(folder)
   state = common.read_state_dict(diffusers.weights_path(folder))
   params = convert(state, build(section, shape), naming='diffusers', image_size=shape['image_size'],

@@ -9,10 +9,11 @@ per class (labels are the sorted subfolder names; images are found recursively i
 
 Captions (read only when asked for): a `metadata.jsonl` anywhere in the tree, one JSON object a line with
 `file_name` (relative to that file's folder) and `text`, as HF datasets' ImageFolder; else `<image stem>.txt`
-beside the image.
+beside the image. A metadata.jsonl column of numbers, such as SDXL's `aesthetic_score`, is read by `scores`.
 """
 
 import json
+import math
 import os
 
 import PIL.Image
@@ -108,6 +109,31 @@ class ImageFolderSource:
       captions.append(caption)
     return captions
 
+  def sizes(self) -> list[tuple[int, int]]:
+    """Each image's stored (height, width), read from the file headers (no decoding)."""
+    sizes = []
+    for path, _ in self._items:
+      try:
+        with PIL.Image.open(path) as image:
+          width, height = image.size
+      except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f'cannot read image {path!r} ({e}); delete or replace the file.') from None
+      sizes.append((height, width))
+    return sizes
+
+  def scores(self, key: str) -> list[float] | None:
+    """Each image's number in metadata.jsonl column `key`, in the order of the elements; None when no row has it."""
+    values = {}
+    for path in self._metadata_files():
+      values.update(_read_metadata_numbers(path, key))
+    if not values:
+      return None
+    missing = [p for p, _ in self._items if os.path.normpath(p) not in values]
+    if missing:
+      raise DataError(f'image {missing[0]!r} has no {key!r} in a {METADATA} ({len(missing)} images lack one, '
+                      f'{len(self) - len(missing)} have one); give every image a {key!r} or none.')
+    return [values[os.path.normpath(p)] for p, _ in self._items]
+
   def __getitem__(self, index):
     path, label = self._items[index]
     try:
@@ -121,22 +147,42 @@ class ImageFolderSource:
     return f'ImageFolderSource({self.root!r}, {len(self)} images, {len(self.class_names)} classes)'
 
 
-def _read_metadata(path, text_key):
-  """{normalised image path: caption} of one metadata.jsonl."""
-  folder, captions = os.path.dirname(path), {}
+def _metadata_rows(path):
+  """(line number, parsed object) of each non-blank line of a metadata.jsonl."""
   with open(path, encoding='utf-8') as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        yield number, json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f'{path} line {number} is not JSON ({e.msg}); write one JSON object a line.') from None
-      if not (isinstance(row, dict) and isinstance(row.get('file_name'), str) and isinstance(row.get(text_key), str)):
-        raise DataError(f'{path} line {number} lacks a string "file_name" or {text_key!r}; write '
-                        f'{{"file_name": "<image path relative to this file>", "{text_key}": "<caption>"}}.')
-      captions[os.path.normpath(os.path.join(folder, row['file_name']))] = row[text_key].strip()
+
+
+def _read_metadata(path, text_key):
+  """{normalised image path: caption} of one metadata.jsonl."""
+  folder, captions = os.path.dirname(path), {}
+  for number, row in _metadata_rows(path):
+    if not (isinstance(row, dict) and isinstance(row.get('file_name'), str) and isinstance(row.get(text_key), str)):
+      raise DataError(f'{path} line {number} lacks a string "file_name" or {text_key!r}; write '
+                      f'{{"file_name": "<image path relative to this file>", "{text_key}": "<caption>"}}.')
+    captions[os.path.normpath(os.path.join(folder, row['file_name']))] = row[text_key].strip()
   return captions
+
+
+def _read_metadata_numbers(path, key):
+  """{normalised image path: float} of the rows of one metadata.jsonl that have column `key`."""
+  folder, values = os.path.dirname(path), {}
+  for number, row in _metadata_rows(path):
+    if not isinstance(row, dict) or key not in row:
+      continue
+    value = row[key]
+    if not isinstance(row.get('file_name'), str) or isinstance(value, bool) or not isinstance(
+        value, (int, float)) or not math.isfinite(value):
+      raise DataError(f'{path} line {number}: {key!r} must be a finite number beside a string "file_name", got '
+                      f'{value!r}; fix the line.')
+    values[os.path.normpath(os.path.join(folder, row['file_name']))] = float(value)
+  return values
 
 
 def _read_sidecar(image_path):

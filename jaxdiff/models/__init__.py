@@ -18,7 +18,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Optional keys; the defaults reproduce the DDPM paper network (ADM: True, 0, 1e-5, 'symmetric'; no transformers).
 OPTIONAL_KEYS = dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding='asymmetric',
                      conv_resample=True, mid_block_scale_factor=1.0, patch_size=1, transformer_depth=0,
-                     context_dim=0, use_linear_projection=False)
+                     context_dim=0, use_linear_projection=False, adm_in_channels=0)
 # Context tokens of the dummy batch that initialises a cross-attending UNet (CLIP's 77; no parameter depends on it).
 DUMMY_CONTEXT_LENGTH = 77
 
@@ -135,6 +135,9 @@ def create_model(model_cfg, *, image_size, in_channels, out_channels, num_classe
     raise ConfigError(f'model.patch_size={patch} must divide image_size {image_size}')
   fields = _trunk_fields(model_cfg, 'model', image_size=image_size // patch)
   opt.update(_transformer_fields(opt, fields))
+  adm = opt['adm_in_channels']
+  if isinstance(adm, bool) or not isinstance(adm, int) or adm < 0:
+    raise ConfigError(f'model.adm_in_channels={adm!r}: use an integer >= 0 (0 = no vector condition)')
   if opt['downsample_padding'] not in DOWNSAMPLE_PADDINGS:
     raise ConfigError(f'model.downsample_padding={opt["downsample_padding"]!r}: use one of '
                       f'{sorted(DOWNSAMPLE_PADDINGS)}')
@@ -162,7 +165,8 @@ def create_classifier(classifier_cfg, model_cfg, *, image_size, num_classes):
 
 def dummy_inputs(model, image_size, channels, num_classes=None):
   """Arguments of a batch of one for `model.init`: (x, t) for a classifier, (x, t, cond) for the UNet; cond holds
-  `label` with num_classes and a zero `context` [1, 77, context_dim] for a cross-attending UNet (else None)."""
+  `label` with num_classes, a zero `context` [1, 77, context_dim] for a cross-attending UNet and a zero `vector`
+  [1, adm_in_channels] for one with a vector condition (else None)."""
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
   if isinstance(model, EncoderUNet):
@@ -172,6 +176,8 @@ def dummy_inputs(model, image_size, channels, num_classes=None):
     cond['label'] = jnp.zeros((1,), jnp.int32)
   if model.context_dim:
     cond['context'] = jnp.zeros((1, DUMMY_CONTEXT_LENGTH, model.context_dim), jnp.float32)
+  if model.adm_in_channels:
+    cond['vector'] = jnp.zeros((1, model.adm_in_channels), jnp.float32)
   return x, t, cond or None
 
 

@@ -5,6 +5,10 @@ factory from the `config.text_encoder` section, and a jitted init.
   params = init_text_encoder(encoder, jax.random.key(0))
   out = encoder.apply({'params': params}, tokens)   # tokens [B, L] int32 from jaxdiff.models.tokenizer
   context = out[config.text_encoder.output]          # what the UNet cross-attends to, [B, L, width]
+  pooled = out['projected']                          # SDXL's pooled text embedding (projection_dim > 0), same call
+
+Every output comes from one call (under jit what is not read is not computed): SDXL reads the penultimate output of
+both its encoders as the context and the projected pooled output of OpenCLIP bigG in its vector condition.
 """
 
 import functools

@@ -1,8 +1,9 @@
 """One config-driven UNet expressing the DDPM, improved-DDPM and ADM networks, and LDM's / Stable Diffusion 1.x-2.x
-networks with spatial transformers (transformer_depth >= 1) cross-attending to a context (context_dim > 0).
+networks with spatial transformers (transformer_depth >= 1) cross-attending to a context (context_dim > 0), and
+SDXL's, which also add an MLP embedding of a vector condition to the time embedding (adm_in_channels > 0).
 
 Parameter names (stable; the weight converters map onto them):
-  time_embed/{linear_1,linear_2}, label_emb, conv_in,
+  time_embed/{linear_1,linear_2}, label_emb, vector_emb/{linear_1,linear_2}, conv_in,
   down_{level}_res_{i}, down_{level}_attn_{i}, down_{level}_downsample,
   mid_res_0, mid_attn, mid_res_1,
   up_{level}_res_{i}, up_{level}_attn_{i}, up_{level}_upsample, norm_out, conv_out.
@@ -124,22 +125,30 @@ class UNet(UNetTrunk):
   """Noise-prediction UNet: (x [B,H,W,C], t [B], cond | None) -> [B,H,W,out_channels] float32.
 
   `cond` is the conditioning pytree of models/conditioning.py: a dict that may hold `label` [B] int and, for a model
-  with context_dim > 0 (which needs it), `context` [B, L, context_dim] float.
+  with context_dim > 0 (which needs it), `context` [B, L, context_dim] float; with adm_in_channels > 0 (which needs
+  it), `vector` [B, adm_in_channels] float (SDXL: the pooled text embedding and the micro-conditioning sinusoids).
 
   The defaults of the layout fields reproduce the DDPM paper network; ADM uses flip_sin_to_cos=True, freq_shift=0,
   norm_eps=1e-5, downsample_padding='symmetric'.
   """
   num_classes: int | None = None  # rows of the label table (with a learned null class: classes + 1)
   patch_size: int = 1  # > 1: the network runs on p x p pixel patches stacked as channels (space-to-depth)
+  # > 0: cond['vector'] [B, adm_in_channels] is embedded by an MLP and added to the time embedding (SGM's label_emb
+  # of its 'sequential' adm, diffusers' text_time add_embedding).
+  adm_in_channels: int = 0
 
   @nn.compact
   def __call__(self, x, t, cond=None, *, train: bool):
     cond = cond or {}
     context = self._context(cond.get('context'), x.shape[0])
+    vector = self._vector(cond.get('vector'), x.shape[0])
     emb = self._embed_time(t, x.shape[0])
     if self.num_classes is not None:
       emb = emb + nn.Embed(self.num_classes, 4 * self.base_channels, name='label_emb', dtype=jnp.float32,
                            param_dtype=self.param_dtype)(cond['label'])
+    if vector is not None:  # float32, as the time embedding it joins
+      emb = emb + layers.TimeEmbedding(4 * self.base_channels, name='vector_emb', dtype=jnp.float32,
+                                       param_dtype=self.param_dtype)(vector.astype(jnp.float32))
     p = self.patch_size
     if p > 1:  # invertible: [B, H, W, C] -> [B, H/p, W/p, p*p*C], undone on the output
       b, height, w, c = x.shape
@@ -187,3 +196,21 @@ class UNet(UNetTrunk):
                         f'(batch {batch}, model.context_dim={self.context_dim}): set model.context_dim to the '
                         'conditioner\'s width (text_encoder.width).')
     return context
+
+  def _vector(self, vector, batch: int):
+    """cond['vector'], checked against adm_in_channels (as `_context` checks the context)."""
+    if not self.adm_in_channels:
+      if vector is not None:
+        raise ConfigError("model.adm_in_channels=0: this UNet takes no vector condition, yet cond has a 'vector'; set "
+                          'model.adm_in_channels to its width, or drop the vector.')
+      return None
+    if vector is None:
+      raise ConfigError(f'model.adm_in_channels={self.adm_in_channels}: the UNet adds an embedding of '
+                        f"cond['vector'] [B, {self.adm_in_channels}], and none was given: pass the pooled text "
+                        'embedding and micro-conditioning sinusoids as the vector, or set model.adm_in_channels=0.')
+    shape = tuple(vector.shape)
+    if shape != (batch, self.adm_in_channels):
+      raise ConfigError(f"cond['vector'] has shape {shape}; the UNet takes [{batch}, {self.adm_in_channels}] (batch "
+                        f'{batch}, model.adm_in_channels={self.adm_in_channels}): set model.adm_in_channels to the '
+                        'pooled text width + latent.micro_embed_dim per micro-conditioning scalar.')
+    return vector

@@ -55,17 +55,21 @@ class Experiment:
 
   @property
   def sample_shape(self) -> tuple[int, int, int]:
-    """The shape of one image."""
+    """The shape of one sampled image: sample.height x sample.width (0: data.image_size)."""
     d = self.config.data
-    return (d.image_size, d.image_size, d.channels)
+    s = self.config.sample
+    return (s.get("height") or d.image_size, s.get("width") or d.image_size, d.channels)
 
   @property
   def diffusion_shape(self) -> tuple[int, int, int]:
-    """The shape of one example the diffusion runs on: an image, or its latents."""
+    """The shape of one sampled example the diffusion runs on: an image, or its latents."""
     if self.first_stage is None:
       return self.sample_shape
-    size = self.config.data.image_size // self.first_stage.factor
-    return (size, size, self.first_stage.latent_channels)
+    height, width, _ = self.sample_shape
+    f = self.first_stage.factor
+    if height % f or width % f:
+      raise ConfigError(f"sample.height/width {height}x{width} must be multiples of {f}, the autoencoder's factor.")
+    return (height // f, width // f, self.first_stage.latent_channels)
 
   def frozen_params(self) -> dict:
     """The frozen weights (autoencoder, frozen embedder), replicated over the mesh, loaded once."""
@@ -200,7 +204,8 @@ def build(config, *, job: str | None = None, network: str | None = None) -> Expe
                                                           num_layers=config.autoencoder_loss.disc_layers)
     exp.disc_tx = optimizer(config, config.train.disc_learning_rate or config.train.learning_rate)
     exp.make_state = functools.partial(autoencoder_train.init_state, model=model, discriminator=exp.discriminator,
-                                       tx=tx, disc_tx=exp.disc_tx, image_shape=exp.sample_shape)
+                                       tx=tx, disc_tx=exp.disc_tx,
+                                       image_shape=(d.image_size, d.image_size, d.channels))
     if config.autoencoder.init_from:
       exp.initial_params = functools.partial(autoencoder_train.imported_params, config)
   exp.state_sharding = mesh_lib.state_sharding(exp.abstract_state(), mesh)
@@ -224,20 +229,25 @@ def _build_latent(config, diffusion) -> Experiment:
                              out_channels=channels * diffusion.output_channels_factor,
                              num_classes=num_classes if m.class_conditional else None, null_class=null_class)
   tokenizer, embedder, frozen, output = None, None, False, ""
+  text = dict(embedder_2=None, text_output_2="", pooled_output="")
   if lat.condition == "text":
     from jaxdiff.models import clip
-    tokenizer = latent_lib.load_tokenizer(config)
-    te = config.text_encoder
-    if tokenizer.vocab_size > te.vocab_size:
-      raise ConfigError(f"The tokenizer in {te.tokenizer} has {tokenizer.vocab_size} tokens and text_encoder."
-                        f"vocab_size={te.vocab_size}: set the vocabulary size to at least the tokenizer's.")
-    embedder = clip.create_text_encoder(te, dtype=unet.dtype, param_dtype=unet.param_dtype)
-    frozen, output = not te.trainable, te.output
+    tokenizer = latent_lib.load_tokenizers(config)
+    sections = [config.text_encoder] + ([config.text_encoder_2] if config.text_encoder_2.kind else [])
+    encoders = [clip.create_text_encoder(te, dtype=unet.dtype, param_dtype=unet.param_dtype) for te in sections]
+    embedder, frozen, output = encoders[0], not sections[0].trainable, sections[0].output
+    if len(encoders) == 2:
+      text.update(embedder_2=encoders[1], text_output_2=sections[1].output)
+    if m.adm_in_channels:  # SDXL: the last encoder's pooled output leads the vector condition
+      text["pooled_output"] = "projected" if sections[-1].projection_dim else "pooled"
   elif lat.condition == "class":
     embedder = conditioning.ClassEmbedder(num_classes=num_classes + int(null_class), features=m.context_dim,
                                           param_dtype=unet.param_dtype)
-  model = unet if embedder is None else conditioning.ConditionedUNet(unet=unet, embedder=embedder,
-                                                                      text_output=output, frozen=frozen)
+  model = unet
+  if embedder is not None or lat.micro_conditioning:
+    model = conditioning.ConditionedUNet(unet=unet, embedder=embedder, text_output=output, frozen=frozen,
+                                         micro_conditioning=tuple(lat.micro_conditioning),
+                                         micro_embed_dim=lat.micro_embed_dim, **text)
   tx = optimizer(config, config.train.learning_rate)
   exp = Experiment(config=config, model=model, diffusion=diffusion, tx=tx, num_classes=num_classes,
                    mesh=mesh_lib.make_mesh(config.mesh), network="latent_diffusion", null_class=null_class,
@@ -263,9 +273,15 @@ def latent_dummy_inputs(exp: Experiment) -> tuple:
 
 def _latent_state(key, *, exp: Experiment, frozen: bool) -> TrainState:
   params = dict(exp.model.init(key, *latent_dummy_inputs(exp), train=False)["params"])
-  if frozen:
-    params.pop("embedder")  # a frozen text encoder is read from its weights, never trained or checkpointed
+  if frozen:  # frozen text encoders are read from their weights, never trained or checkpointed
+    params.pop("embedder")
+    params.pop("embedder_2", None)
   return create_state(params, exp.tx, num_timesteps=exp.diffusion.num_timesteps)
+
+
+def frozen_embedders(frozen: dict) -> dict:
+  """The frozen text encoders' params among the frozen weights, as ConditionedUNet params entries."""
+  return {k: v for k, v in frozen.items() if k in ("embedder", "embedder_2")}
 
 
 def _frozen_weights(*, exp: Experiment, frozen: bool) -> dict:
@@ -278,6 +294,10 @@ def _frozen_weights(*, exp: Experiment, frozen: bool) -> dict:
                         "--config.text_encoder.init_from to a transformers CLIPTextModel folder, or train it with "
                         "text_encoder.trainable=True.")
     weights["embedder"] = convert_clip.load_text_encoder(te.init_from, te)[1]
+    te2 = exp.config.text_encoder_2
+    if te2.kind:  # a single SDXL file holds both encoders: the second is its second
+      index = 1 if te2.init_from == te.init_from and os.path.isfile(te2.init_from) else 0
+      weights["embedder_2"] = convert_clip.load_text_encoder(te2.init_from, te2, index=index)[1]
   return weights
 
 
@@ -300,5 +320,6 @@ def _first_stage_params(config, stage):
 def _imported_unet(abstract_params, *, exp: Experiment):
   """model.init_from: a diffusers UNet2DConditionModel folder or a single-file LDM/SD checkpoint's UNet."""
   from jaxdiff.convert import sd_unet
-  unet = sd_unet.load_unet(exp.config.model.init_from, exp.config.model, image_size=exp.diffusion_shape[0])
+  size = exp.config.data.image_size // exp.first_stage.factor
+  unet = sd_unet.load_unet(exp.config.model.init_from, exp.config.model, image_size=size)
   return {"unet": unet} if "unet" in abstract_params else unet

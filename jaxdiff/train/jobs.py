@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdiff import data as data_lib
+from jaxdiff.data import buckets as buckets_lib
 from jaxdiff import sampling
 from jaxdiff.diffusion import parse_loss, parse_timestep_sampler
 from jaxdiff.models import lpips
@@ -43,7 +44,8 @@ def input_batches(exp: experiment_lib.Experiment, start_step: int, *, split: str
       name=d.name, data_dir=d.data_dir, image_dir=d.image_dir, split=split or d.split, image_size=d.image_size,
       channels=d.channels, batch_size=exp.config.train.batch_size // jax.process_count(), seed=exp.config.seed,
       random_flip=d.random_flip and augment, random_crop=d.random_crop and augment, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count(), crop=d.crop if augment else "center",
+      buckets=buckets_lib.sdxl_buckets(d.image_size, d.bucket_multiple) if d.multi_aspect else None,
       **data_lib.caption_options(d, exp.tokenizer))
 
 
@@ -113,7 +115,7 @@ class LatentDiffusionJob(DiffusionJob):
     stage = exp.first_stage
 
     def step(state, batch, frozen):
-      embedder = {"embedder": frozen["embedder"]} if "embedder" in frozen else {}
+      embedder = experiment_lib.frozen_embedders(frozen)
 
       def apply_fn(variables, *args, **kwargs):
         return exp.model.apply({"params": {**variables["params"], **embedder}}, *args, **kwargs)

@@ -81,20 +81,48 @@ def first_stage(config) -> FirstStage:
                     init_from=None if lat.autoencoder_workdir else a.init_from, loss_keys=loss_keys)
 
 
-def load_tokenizer(config):
-  """The text encoder's tokenizer and the tokens of the empty caption (the null condition)."""
+def load_tokenizer(config, section: str = "text_encoder"):
+  """The tokenizer of a text encoder section, checked against the encoder's vocabulary."""
   from jaxdiff.models import tokenizer as tokenizer_lib
-  te = config.text_encoder
+  te = config[section]
   if not te.tokenizer:
-    raise ConfigError("latent.condition='text' needs a tokenizer: set --config.text_encoder.tokenizer to a folder "
+    raise ConfigError(f"latent.condition='text' needs a tokenizer: set --config.{section}.tokenizer to a folder "
                       "with vocab.json + merges.txt (or tokenizer.json).")
-  return tokenizer_lib.load_tokenizer(te.tokenizer, max_length=te.max_length, pad_token=te.pad_token)
+  tokenizer = tokenizer_lib.load_tokenizer(te.tokenizer, max_length=te.max_length, pad_token=te.pad_token)
+  if tokenizer.vocab_size > te.vocab_size:
+    raise ConfigError(f"The tokenizer in {te.tokenizer} has {tokenizer.vocab_size} tokens and {section}.vocab_size="
+                      f"{te.vocab_size}: set the vocabulary size to at least the tokenizer's.")
+  return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerPair:
+  """Two text encoders' tokenizers as one: texts -> int32 [N, L1 + L2], each tokenizer's ids side by side, so the
+  data pipeline carries them as one `tokens` array (TextConditioner splits them)."""
+  first: Any
+  second: Any
+
+  def __call__(self, texts) -> np.ndarray:
+    return np.concatenate([np.asarray(self.first(texts)), np.asarray(self.second(texts))], axis=1)
+
+
+def load_tokenizers(config):
+  """The text encoder's tokenizer, or with text_encoder_2 the pair of both."""
+  first = load_tokenizer(config)
+  return TokenizerPair(first, load_tokenizer(config, "text_encoder_2")) if config.text_encoder_2.kind else first
 
 
 def conditioner_for(config, tokenizer, num_classes: int):
-  condition = config.latent.condition
-  if condition == "text":
-    return conditioning.TextConditioner(np.asarray(tokenizer([""])[0], np.int32))
-  if condition == "class" or config.model.class_conditional:
-    return conditioning.ClassConditioner(num_classes)
-  return None
+  lat = config.latent
+  base = None
+  if lat.condition == "text":
+    pair = isinstance(tokenizer, TokenizerPair)
+    first = tokenizer.first if pair else tokenizer
+    base = conditioning.TextConditioner(np.asarray(first([""])[0], np.int32),
+                                        np.asarray(tokenizer.second([""])[0], np.int32) if pair else None,
+                                        zero_null=lat.text_null == "zeros")
+  elif lat.condition == "class" or config.model.class_conditional:
+    base = conditioning.ClassConditioner(num_classes)
+  if lat.micro_conditioning:
+    return conditioning.MicroConditioner(base, tuple(lat.micro_conditioning), tuple(lat.micro_drop_probs))
+  return base

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from tensorboardX import SummaryWriter
 
 from jaxdiff.errors import UserError
@@ -40,6 +41,63 @@ def preemption_notice():
     signal.signal(signal.SIGTERM, previous)
 
 
+# Programs that compile faster than this are not written to the persistent cache. JAX's default (1 s) would skip a
+# tiny CPU model's steps and evaluations, which still cost seconds together on every restart.
+CACHE_MIN_COMPILE_SECONDS = 0.5
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "writes"}
+
+
+@contextlib.contextmanager
+def compilation_cache(setting: str, workdir: str):
+  """JAX's persistent compilation cache for one run; yields {"dir": folder or None, "hits": n, "writes": n}, counted
+  while the run lasts.
+
+  setting (train.compilation_cache_dir): a folder; "none" turns the cache off; "" is <workdir>/compilation_cache
+  unless the process already has a cache folder (JAX_COMPILATION_CACHE_DIR, or one set by the caller, e.g. the
+  tests' shared cache), which is kept. JAX reads its settings once, at the first compilation, so they are reset on
+  entry and restored (and reset) on exit: a later run in the same process starts clean.
+  """
+  names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs")
+  before = {name: getattr(jax.config, name) for name in names}
+  if setting == "none":
+    wanted = {"jax_enable_compilation_cache": False}
+  elif setting == "" and before["jax_compilation_cache_dir"]:
+    wanted = {}
+  else:
+    wanted = {"jax_compilation_cache_dir": os.path.abspath(setting or os.path.join(workdir, "compilation_cache")),
+              "jax_enable_compilation_cache": True,
+              "jax_persistent_cache_min_compile_time_secs": min(
+                  CACHE_MIN_COMPILE_SECONDS, before["jax_persistent_cache_min_compile_time_secs"])}
+  changed = {name: value for name, value in wanted.items() if before[name] != value}
+  for name, value in changed.items():
+    jax.config.update(name, value)
+  if changed:
+    jax_cache.reset_cache()
+  enabled = jax.config.jax_enable_compilation_cache and bool(jax.config.jax_compilation_cache_dir)
+  counts = {"dir": jax.config.jax_compilation_cache_dir if enabled else None, "hits": 0, "writes": 0}
+  if enabled:
+    logging.info("Persistent compilation cache: %s.", counts["dir"])
+
+  def count(event, **kwargs):
+    del kwargs
+    if event in _CACHE_EVENTS:
+      counts[_CACHE_EVENTS[event]] += 1
+
+  jax.monitoring.register_event_listener(count)
+  try:
+    yield counts
+  finally:
+    jax.monitoring.unregister_event_listener(count)
+    for name in changed:
+      jax.config.update(name, before[name])
+    if changed:
+      jax_cache.reset_cache()
+
+
+def _batch_shapes(batch) -> tuple:
+  return tuple((key, tuple(value.shape)) for key, value in sorted(batch.items()))
+
+
 def make_train_step(exp: experiment_lib.Experiment):
   """The job's jitted step with the state donated, the state replicated and the batch split over the data axis."""
   return jobs.for_experiment(exp).train_step()
@@ -52,6 +110,11 @@ def batches(exp: experiment_lib.Experiment, start_step: int):
 
 def run(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns a summary of the run."""
+  with compilation_cache(config.train.compilation_cache_dir, workdir) as cache:
+    return _run(config, workdir, cache)
+
+
+def _run(config, workdir, cache) -> dict:
   exp = experiment_lib.build(config, job="train")
   checkpointer = exp.checkpointer(workdir)
   state = checkpointer.restore(exp.abstract_state_with_sharding())
@@ -76,6 +139,26 @@ def run(config, workdir: str) -> dict:
   # Each step's metrics are read after the next step is dispatched: the device never idles, at most one step is in
   # flight (many un-awaited collective steps can stall CPU backends), and a NaN is caught at the step it happened.
   pending = None
+  compile_seconds = {}  # the step's compilation time for each batch shape ("16x32x32x3": seconds)
+  compiled = set()
+
+  def train_one(state, step):
+    """One step; a new batch shape (an aspect bucket's) compiles the step: timed, logged and written."""
+    batch = exp.shard_batch(next(data_iter))
+    shapes = _batch_shapes(batch)
+    if shapes in compiled:
+      return step_fn(state, batch)
+    begin = time.perf_counter()
+    out = step_fn(state, batch)  # jit compiles (or loads from the persistent cache) before it dispatches
+    seconds = time.perf_counter() - begin
+    compiled.add(shapes)
+    image = batch.get("image", next(iter(batch.values())))
+    name = "x".join(str(n) for n in image.shape)
+    compile_seconds[name] = compile_seconds.get(name, 0.0) + seconds
+    logging.info("Compiled the step for batch [%s] in %.2f s.", ", ".join(str(n) for n in image.shape), seconds)
+    if writer:
+      writer.add_scalar(f"compile/seconds_{name}", seconds, step)
+    return out
 
   consecutive_skips = 0
 
@@ -107,7 +190,7 @@ def run(config, workdir: str) -> dict:
     with progress_bar(total=num_steps, initial=start_step, desc="training", unit="step",
                       disable=not is_main) as bar, preemption_notice() as preemption_reached:
       for step in range(start_step + 1, num_steps + 1):
-        state, metrics = step_fn(state, exp.shard_batch(next(data_iter)))
+        state, metrics = train_one(state, step)
         if pending is not None:
           report(*pending)
         pending = (step, metrics)
@@ -126,6 +209,8 @@ def run(config, workdir: str) -> dict:
       if pending is not None:
         report(*pending)
     final_step = int(state.step)
+    if writer:
+      writer.add_scalar("compile/cache_hits", cache["hits"], final_step)
     if last_saved != final_step:
       checkpointer.save(final_step, state, force=True)
     if not preempted and shown_step != final_step:
@@ -141,5 +226,6 @@ def run(config, workdir: str) -> dict:
       "seconds": seconds, "steps_per_second": steps_run / seconds if seconds else 0.0,
       "final_loss": last_loss, "num_params": num_params, "grid": None, "preempted": preempted,
       "checkpoints": checkpointer.directory, "tensorboard": os.path.join(os.path.abspath(workdir), "tensorboard"),
-      "job": exp.network, **shown,
+      "job": exp.network, "compile_seconds": compile_seconds, "compilation_cache_dir": cache["dir"],
+      "compilation_cache_hits": cache["hits"], "compilation_cache_writes": cache["writes"], **shown,
   }

@@ -9,7 +9,6 @@ import optax
 
 from jaxdiff.diffusion.gaussian import GaussianDiffusion, LossType
 from jaxdiff.diffusion.timesteps import LossHistory, TimestepSampler
-from jaxdiff.models import conditioning
 
 
 @flax.struct.dataclass
@@ -122,8 +121,8 @@ def train_step(state: TrainState, batch: dict, *, apply_fn: Callable, diffusion:
     t, weights = jax.random.randint(t_key, (batch_size,), 0, diffusion.num_timesteps), jnp.ones((batch_size,))
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   cond = {} if condition is None else condition.from_batch(batch)
-  if condition is not None and cond_drop_prob > 0:
-    cond = conditioning.drop(drop_key, cond, condition.null(batch_size), cond_drop_prob)
+  if condition is not None:  # SDXL's micro-conditioning may drop its keys with their own probabilities
+    cond = condition.drop(drop_key, cond, cond_drop_prob)
   inputs = dict(x0=x0, t=t, noise=noise, weights=weights, cond=cond)
 
   def loss_fn(params, mb, dropout_key):
