@@ -24,7 +24,6 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 DISC_LOSSES = ("hinge", "vanilla")
 LABEL_MODES = ("cycle", "fixed", "random")
 CROPS = ("center", "random")
-MICRO_KEYS = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
 TEXT_NULLS = ("empty_prompt", "zeros")
 
 
@@ -134,7 +133,9 @@ def _schema() -> dict[str, Rule]:
   from jaxdiff.models import DTYPES, POOLS
   from jaxdiff.models.layers import DOWNSAMPLE_PADDINGS
   from jaxdiff.models import clip
+  from jaxdiff.models.conditioning import MICRO_SCALARS
   from jaxdiff.train.state import LR_SCHEDULES
+  micro_keys = tuple(MICRO_SCALARS)
   seed = integer(0, 2 ** 32 - 1)
   text_encoder_rules = {
       "text_encoder.kind": choice(TEXT_ENCODER_KINDS),
@@ -269,8 +270,8 @@ def _schema() -> dict[str, Rule]:
       "latent.autoencoder_workdir": path(exists=True),
       "latent.autoencoder_use_ema": boolean(),
       "latent.condition": choice(LATENT_CONDITIONS),
-      "latent.micro_conditioning": Rule(lambda v: isinstance(v, (tuple, list)) and all(k in MICRO_KEYS for k in v)
-                                        and len(set(v)) == len(v), f"a tuple of distinct names from {MICRO_KEYS}",
+      "latent.micro_conditioning": Rule(lambda v: isinstance(v, (tuple, list)) and all(k in micro_keys for k in v)
+                                        and len(set(v)) == len(v), f"a tuple of distinct names from {micro_keys}",
                                         "('size',)"),
       "latent.micro_embed_dim": Rule(lambda v: _is_int(v) and v >= 2 and v % 2 == 0, "an even integer >= 2", "3"),
       "latent.micro_drop_probs": Rule(lambda v: isinstance(v, (tuple, list)) and all(
@@ -448,7 +449,8 @@ def expected_adm_in_channels(config) -> int:
   lat, te, te2 = config.latent, config.text_encoder, config.text_encoder_2
   last = te2 if te2.kind else te
   pooled = (last.projection_dim or last.width) if lat.condition == "text" else 0
-  scalars = sum(1 if key == "aesthetic_score" else 2 for key in lat.micro_conditioning)
+  from jaxdiff.models.conditioning import MICRO_SCALARS
+  scalars = sum(MICRO_SCALARS[key] for key in lat.micro_conditioning)
   return pooled + scalars * lat.micro_embed_dim
 
 

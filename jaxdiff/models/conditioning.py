@@ -91,7 +91,7 @@ class MicroConditioner:
 
   def null(self, batch_size: int) -> dict:
     base = dict(self.base.null(batch_size)) if self.base is not None else {}
-    micro = {key: jnp.zeros((batch_size, 1 if key == "aesthetic_score" else 2), jnp.float32) for key in self.keys}
+    micro = {key: jnp.zeros((batch_size, MICRO_SCALARS[key]), jnp.float32) for key in self.keys}
     keep = {key: jnp.zeros((batch_size,), jnp.float32) for key in self.keys}
     return {**base, **micro, "keep": {**base.pop("keep", {}), **keep}}
 
@@ -110,6 +110,10 @@ class MicroConditioner:
         keep[name] = jnp.where(dropped, 0.0, keep[name])
         micro[name] = jnp.where(dropped[:, None], 0.0, micro[name])
     return {**base, **micro, "keep": {**base.pop("keep", {}), **keep}}
+
+
+# SDXL's micro-conditioning keys and how many scalars each holds: (height, width), (top, left), one score.
+MICRO_SCALARS = {"original_size": 2, "crops_coords_top_left": 2, "target_size": 2, "aesthetic_score": 1}
 
 
 def micro_embedding(values: jax.Array, dim: int) -> jax.Array:

@@ -58,7 +58,7 @@ class Experiment:
     """The shape of one sampled image: sample.height x sample.width (0: data.image_size)."""
     d = self.config.data
     s = self.config.sample
-    return (s.get("height") or d.image_size, s.get("width") or d.image_size, d.channels)
+    return (s.height or d.image_size, s.width or d.image_size, d.channels)
 
   @property
   def diffusion_shape(self) -> tuple[int, int, int]:
